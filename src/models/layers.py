@@ -1,0 +1,148 @@
+"""Building blocks of the DiT: attention over packed segments, 3-axis RoPE, embedders, patches.
+
+Nothing here knows about noise, pyramids, Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("sdpa", "sdpa_segments")
+
+
+@dataclass
+class PackedLayout:
+    """Where each packed segment lies in a row of the joint sequence, and which keys are real.
+
+    seg_lengths: token count of each segment (the segments are contiguous, in order).
+    key_valid: (B, N) bool, False for padding tokens (e.g. padded text), which no query sees.
+    Attention never crosses segments (block-diagonal); within a segment it is full.
+    """
+
+    seg_lengths: list[int]
+    key_valid: torch.Tensor
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B, 1, N, N) bool: True where a query may attend a key."""
+        seg = torch.repeat_interleave(
+            torch.arange(len(self.seg_lengths), device=self.key_valid.device),
+            torch.tensor(self.seg_lengths, device=self.key_valid.device),
+        )
+        same = seg[:, None] == seg[None, :]  # (N, N)
+        return (same[None] & self.key_valid[:, None, :])[:, None]
+
+
+def flash_attn_available() -> bool:
+    """flash-attn is an optional CUDA-only extra; never imported unless asked for."""
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, backend: str = "sdpa"
+) -> torch.Tensor:
+    """Masked multi-head attention over a packed row. q, k, v: (B, H, N, Dh) -> (B, H, N, Dh).
+
+    "sdpa": one call with the dense block-diagonal + key-padding mask (any device).
+    "sdpa_segments": one call per segment with its own key-padding mask; the same result
+    without the cross-segment work (cheaper when several stages share a row).
+    """
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask())
+    if backend == "sdpa_segments":
+        outs, start = [], 0
+        for n in layout.seg_lengths:
+            sl = slice(start, start + n)
+            mask = layout.key_valid[:, None, None, sl]  # (B, 1, 1, n)
+            outs.append(
+                F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask)
+            )
+            start += n
+        return torch.cat(outs, dim=2)
+    raise ValueError(
+        f"model.net.attn_backend={backend!r} is unknown; fix: one of {list(ATTENTION_BACKENDS)}"
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learned scale (used on q and k)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def rope_angles(
+    positions: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0
+) -> torch.Tensor:
+    """Rotation angles for multi-axis RoPE. positions: (N, n_axes) float -> (N, sum(dims) / 2).
+
+    Axis a uses dims[a] / 2 frequencies theta^(-2j / dims[a]); positions may be fractional
+    (history frames at a coarser grid are placed on the current grid by interpolation).
+    """
+    parts = []
+    for a, d in enumerate(axes_dims):
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
+        parts.append(positions[:, a : a + 1].double() * freqs[None])
+    return torch.cat(parts, dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x: (B, H, N, Dh) with angles (N, Dh / 2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, N, Dh/2, 2)
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal embedding of continuous timesteps (0..1000 scale): (B,) -> (B, dim), [cos|sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear, used for timestep and pooled-text conditioning."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+def patchify(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, T, H, W) -> tokens (B, T*(H/p)*(W/p), C*p*p) and integer positions (N, 3) = (t, h, w)."""
+    b, c, t, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not divisible by model.net.patch_size={p}")
+    tokens = x.reshape(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+    tokens = tokens.reshape(b, t * (h // p) * (w // p), c * p * p)
+    grid = torch.stack(
+        torch.meshgrid(torch.arange(t), torch.arange(h // p), torch.arange(w // p), indexing="ij"),
+        dim=-1,
+    ).reshape(-1, 3)
+    return tokens, grid.to(x.device)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, c: int, t: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of `patchify`: (B, T*(H/p)*(W/p), C*p*p) -> (B, C, T, H, W)."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, t, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+    return x.reshape(b, c, t, h, w)
