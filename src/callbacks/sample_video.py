@@ -1,0 +1,55 @@
+"""Write sample videos for fixed prompts and seeds every N steps (rank zero only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from src.callbacks.ema import EMA
+from src.data.video_io import write_mp4
+from src.utils.visualize import save_frame_strip
+
+
+class SampleVideo(L.Callback):
+    """samples/step_{step:08d}/{prompt_idx:02d}.mp4 + strip.png in the run folder (+ W&B)."""
+
+    def __init__(self, prompts: list[str], every_n_steps: int = 1000, seed: int = 0,
+                 fps: int = 8, on_train_end: bool = True):
+        self.prompts, self.every, self.seed, self.fps = list(prompts), every_n_steps, seed, fps
+        self.at_end = on_train_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step % self.every == 0 and step > 0:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and trainer.global_step % max(self.every, 1) != 0:
+            self.write(trainer, pl_module)
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        module = pl_module
+        for cb in trainer.callbacks:  # prefer the EMA weights while training
+            if isinstance(cb, EMA) and cb.averaged_module() is not None and trainer.training:
+                module = cb.averaged_module()
+        videos = module.generate(self.prompts, seed=self.seed)
+        out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:08d}"
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, v in enumerate(videos):
+            paths.append(out / f"{i:02d}.mp4")
+            write_mp4(paths[-1], v, fps=self.fps)
+        save_frame_strip(videos, out / "strip.png")
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                import wandb
+
+                lg.experiment.log(
+                    {"samples": [wandb.Video(str(p), caption=c) for p, c in zip(paths, self.prompts)]},
+                    step=trainer.global_step,
+                )
+        return out

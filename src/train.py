@@ -1,0 +1,73 @@
+"""Train a pyramidal flow matching video model: `python src/train.py [experiment=...] [k=v ...]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import rootutils
+import torch
+from omegaconf import DictConfig
+
+rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
+
+from src.utils import (  # noqa: E402
+    RankedLogger,
+    extras,
+    instantiate_callbacks,
+    instantiate_loggers,
+    task_wrapper,
+)
+from src.utils.config_checks import validate_config  # noqa: E402
+
+log = RankedLogger(__name__)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path=last` resumes this run folder's last.ckpt when it exists (else starts fresh)."""
+    if cfg.get("ckpt_path") != "last":
+        return cfg.get("ckpt_path")
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info(f"Resuming from {last}")
+        return str(last)
+    log.info(f"ckpt_path=last but {last} does not exist yet: starting a new run")
+    return None
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict:
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info(f"Instantiating model <{cfg.model._target_}>")
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for lg in loggers:
+        lg.log_hyperparams({"run_name": cfg.run_name, "tags": list(cfg.tags), **model.hparams})
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg),
+                    weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    out = Path(cfg.paths.output_dir)
+    log.info(f"Checkpoints: {out / 'checkpoints'}")
+    log.info(f"Samples: {out / 'samples'}   Metrics: {out / 'csv' / 'metrics.csv'}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    extras(cfg)
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric", "val/loss"))
+
+
+if __name__ == "__main__":
+    main()
