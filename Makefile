@@ -30,7 +30,7 @@ $(STAMP): requirements.txt
 install: $(STAMP) ## create .venv and install the pinned requirements
 
 data: $(STAMP) ## render the moving-digits dataset to webdataset shards (if missing)
-	$(BIN)/python scripts/make_shards.py digits --out data/shards/digits --skip-existing
+	@[ -f data/shards/digits/train/manifest.json ] || $(BIN)/python scripts/make_shards.py digits --out data/shards/digits
 
 train: data ## train the CPU digits demo end to end, then sample the canonical prompts
 	$(BIN)/python src/train.py run_name=$(RUN) $(ARGS)

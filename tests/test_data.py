@@ -361,6 +361,8 @@ def test_datamodule_crops_and_resizes(digits_root):
     assert {m["frame_start"] for b in dm.val_dataloader() for m in b["meta"]} == {0}
     with pytest.raises(ValueError, match="data.num_frames=20"):
         make_dm(digits_root, num_frames=20).setup("fit")
+    with pytest.raises(ValueError, match="data.batch_size=20"):
+        make_dm(digits_root, batch_size=20).setup("fit")  # 16 val clips < one batch
 
 
 def test_training_stream_is_seeded(digits_root):

@@ -117,12 +117,27 @@ class WebVideoDataModule(LightningDataModule):
         if stage in (None, "fit"):
             self.train_urls = self._urls("train")
         self.val_urls = self._urls("val")
-        world = self._world_size()
+        self._check_val_per_rank(self._world_size())
+
+    def _check_val_per_rank(self, world: int) -> None:
+        """Every rank must get at least one full val batch, or DDP validation would hang."""
         if len(self.val_urls) < world:
             raise ValueError(
                 f"data.data_dir={str(self.data_dir)!r}: {len(self.val_urls)} val shards for "
                 f"{world} ranks; write at least one val shard per rank (lower "
                 "data.samples_per_shard and regenerate)"
+            )
+        manifest = read_manifest(self.data_dir / "val") or {}
+        counts = {s["file"]: s["num_samples"] for s in manifest.get("shards", [])}
+        names = [Path(u).name for u in self.val_urls]
+        if not counts or set(names) != set(counts):
+            return  # no manifest (hand-made shards): nothing to check against
+        per_rank = min(sum(counts[n] for n in names[r::world]) for r in range(world))
+        if per_rank < self.hparams.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.hparams.batch_size} but a rank only gets {per_rank} "
+                f"val clips from {self.data_dir / 'val'}; lower data.batch_size or write more "
+                "val samples"
             )
 
     def _loader(self, dataset, num_workers: int, num_batches: int) -> wds.WebLoader:

@@ -67,12 +67,13 @@ class PyramidDiTBlock(nn.Module):
                 nn.Sequential(nn.Linear(dim, hidden), nn.GELU("tanh"), nn.Linear(hidden, dim)),
             )
 
-    def forward(self, img, txt, c_img, c_txt, joint, backend):
-        # img: (B, Ni, D), txt: (B, Nt, D); c_img/c_txt: per-token conditioning (B, N, D)
-        # joint: (order, angles, layout) to interleave the streams per segment for attention
+    def forward(self, img, txt, c, seg_img, seg_txt, joint, backend):
+        # img: (B, Ni, D), txt: (B, Nt, D); c: per-segment conditioning (B, S, D)
+        # seg_img/seg_txt: segment of every token; joint: (order, angles, layout) interleaves
+        # the streams segment by segment for attention
         order, angles, layout = joint
-        mi = self.img_mod(F.silu(c_img)).chunk(6, dim=-1)  # 6 x (B, Ni, D)
-        mt = self.txt_mod(F.silu(c_txt)).chunk(6, dim=-1)  # 6 x (B, Nt, D)
+        mi = self.img_mod(F.silu(c))[:, seg_img].chunk(6, dim=-1)  # 6 x (B, Ni, D)
+        mt = self.txt_mod(F.silu(c))[:, seg_txt].chunk(6, dim=-1)  # 6 x (B, Nt, D)
         qi, ki, vi = self.img_attn(modulate(self.img_norm1(img), mi[0], mi[1]))  # (B, H, Ni, Dh)
         qt, kt, vt = self.txt_attn(modulate(self.txt_norm1(txt), mt[0], mt[1]))  # (B, H, Nt, Dh)
         q, k, v = (
@@ -102,9 +103,9 @@ class PyramidDiTSingleBlock(nn.Module):
         self.k_norm = RMSNorm(dim // heads)
         self.linear2 = nn.Linear(dim + self.hidden, dim)
 
-    def forward(self, x, c, angles, layout, backend):
-        # x: (B, N, D) joint sequence in segment order; c: per-token conditioning (B, N, D)
-        shift, scale, gate = self.mod(F.silu(c)).chunk(3, dim=-1)  # 3 x (B, N, D)
+    def forward(self, x, c, seg, angles, layout, backend):
+        # x: (B, N, D) joint sequence in segment order; c: per-segment conditioning (B, S, D)
+        shift, scale, gate = self.mod(F.silu(c))[:, seg].chunk(3, dim=-1)  # 3 x (B, N, D)
         h = self.linear1(modulate(self.norm(x), shift, scale))  # (B, N, 3D + hidden)
         qkv, mlp = h.split([3 * self.dim, self.hidden], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
@@ -215,20 +216,19 @@ class PyramidDiT(nn.Module):
         angles = rope_angles(torch.cat(pos), self.rope_axes, self.rope_theta)  # (N, Dh/2)
         joint = (order, angles, layout)
 
-        c_img, c_txt = c[:, seg_img], c[:, seg_txt]  # (B, Ni, D), (B, Nt, D)
         n_ckpt = round(
             self.grad_checkpointing * (len(self.double_blocks) + len(self.single_blocks))
         )
         for i, blk in enumerate(self.double_blocks):
-            args = (img, txt, c_img, c_txt, joint, self.attn_backend)
+            args = (img, txt, c, seg_img, seg_txt, joint, self.attn_backend)
             img, txt = self._run(blk, args, i < n_ckpt)
         x = torch.cat([txt, img], 1)[:, order]  # (B, N, D) joint, segment order
-        c_joint = torch.cat([c_txt, c_img], 1)[:, order]  # (B, N, D)
+        seg_joint = torch.cat([seg_txt, seg_img])[order]  # (N,) segment of each joint token
         for j, blk in enumerate(self.single_blocks):
-            args = (x, c_joint, angles, layout, self.attn_backend)
+            args = (x, c, seg_joint, angles, layout, self.attn_backend)
             x = self._run(blk, args, len(self.double_blocks) + j < n_ckpt)
         img = x[:, torch.argsort(order)][:, nt:]  # (B, Ni, D) video tokens, segment-major
-        shift, scale = self.final_mod(F.silu(c_img)).chunk(2, dim=-1)  # 2 x (B, Ni, D)
+        shift, scale = self.final_mod(F.silu(c))[:, seg_img].chunk(2, dim=-1)  # (B, Ni, D)
         out = self.final_linear(modulate(self.final_norm(img), shift, scale))  # (B, Ni, C p p)
         outs, start = [], 0
         for x_s, im in zip(xs, imgs):

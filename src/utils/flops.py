@@ -1,0 +1,47 @@
+"""Analytic FLOP counts of a PyramidDiT forward pass from token counts (2 FLOPs per MAC).
+
+Used to predict speed ratios (bench) before measuring them. Embedders and the output head are
+counted; norms, RoPE and softmax are not (they are O(N D), small next to the matmuls).
+"""
+
+from __future__ import annotations
+
+
+def block_linear_macs_per_token(hidden_size: int, mlp_ratio: float = 4.0) -> tuple[int, int]:
+    """Weight MACs per token of one double-stream (per stream) and one single-stream block."""
+    d, r = hidden_size, mlp_ratio
+    double = int((3 + 1 + 2 * r) * d * d)  # qkv, proj, mlp (adaLN runs once per segment)
+    single = int(((3 + r) + (1 + r)) * d * d)  # linear1, linear2
+    return double, single
+
+
+def dit_forward_flops(
+    seg_video_tokens: list[int], text_tokens: int, hidden_size: int, depth_double: int,
+    depth_single: int, in_features: int, mlp_ratio: float = 4.0, text_dim: int = 384, **_,
+) -> float:
+    """FLOPs of one forward over one packed row: segments of `seg_video_tokens` video tokens,
+    each with its own `text_tokens` text tokens, attention block-diagonal over segments.
+
+    adaLN modulation is computed once per segment and gathered per token, so it is not counted.
+    """
+    d = hidden_size
+    dbl, sgl = block_linear_macs_per_token(d, mlp_ratio)
+    macs = 0.0
+    for n in seg_video_tokens:
+        s = n + text_tokens
+        macs += depth_double * dbl * s  # img stream on n, txt stream on t: same per-token cost
+        macs += depth_single * sgl * s
+        macs += (depth_double + depth_single) * 2 * s * s * d  # QK^T and AV
+        macs += n * in_features * d + text_tokens * text_dim * d  # patch + context embedders
+        macs += n * d * in_features  # output linear
+    return 2.0 * macs
+
+
+def pyramid_tokens_per_stage(latent_t: int, latent_h: int, latent_w: int, patch: int,
+                             num_stages: int) -> list[int]:
+    """Video tokens of one sample at each stage (stage 0 coarsest)."""
+    out = []
+    for i in range(num_stages):
+        f = 2 ** (num_stages - 1 - i)
+        out.append(latent_t * (latent_h // f // patch) * (latent_w // f // patch))
+    return out

@@ -1,0 +1,71 @@
+"""Every config option composes, resolves and passes validate_config; bad combos are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from src.models.registry import DIT_PRESETS
+from src.utils.config_checks import ConfigError, config_problems, validate_config
+from tests.conftest import CONFIG_DIR, compose_train
+
+GROUPS = ["pyramid", "strategy", "trainer", "logger", "callbacks", "autoencoder", "text_encoder",
+          "model/net", "experiment", "debug", "temporal", "sampling"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose_train([f"{group}={option}"], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    container = OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+    assert container["model"]["net"]["in_channels"] == container["autoencoder"]["latent_channels"]
+    validate_config(cfg)
+
+
+def test_more_stages_need_larger_videos_and_say_so():
+    cfg = compose_train(["pyramid=stages_4", "video.height=32"], return_hydra_config=True)
+    problems = config_problems(cfg)
+    assert len(problems) == 1
+    assert "video.height=32 must be divisible by" in problems[0] and "= 64;" in problems[0]
+    assert config_problems(compose_train(["pyramid=stages_3", "video.height=32"])) == []
+
+
+def test_net_presets_mirror_the_registry():
+    for name, preset in DIT_PRESETS.items():
+        yml = yaml.safe_load((Path(CONFIG_DIR) / "model" / "net" / f"{name}.yaml").read_text())
+        assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in yml.items()} == preset
+
+
+BAD = [
+    (["video.height=60"], "video.height=60 must be divisible by"),
+    (["video.width=48", "pyramid=stages_3"], "video.width=48 must be divisible by"),
+    (["video.num_frames=16"], "video.num_frames=16 must be k*4+1"),
+    (["pyramid.gamma=0.5"], "pyramid.gamma=0.5 must lie in"),
+    (["pyramid.stage_sample_ratios=[1,1]"], "pyramid.stage_sample_ratios=[1, 1] needs 3"),
+    (["pyramid.stage_range=[0,0.5,1]"], "pyramid.stage_range=[0, 0.5, 1] needs num_stages + 1"),
+    (["pyramid.stage_range=[0,0.7,0.3,1]"], "must increase strictly"),
+    (["pyramid.sample_steps=[8]"], "pyramid.sample_steps=[8] needs 3"),
+    (["data.batch_size=6"], "data.batch_size=6 must be divisible by"),
+    (["model.net.attn_backend=flash3"], "model.net.attn_backend=flash3 is unknown"),
+    (["autoencoder=space_to_depth", "autoencoder.latent_channels=64"],
+     "autoencoder.latent_channels=64 must be 3*s*s*f_t=192"),
+    (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt does not exist"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_invalid_configs_are_refused_with_the_field_and_fix(overrides, message):
+    cfg = compose_train(overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value)
