@@ -63,8 +63,15 @@ class Setup:
 
     def predicted_train_flops_per_sample(self) -> float:
         cols = [s for s, _ in column_plan(len(self.ratios) * 4, self.ratios)]
-        per = [dit_forward_flops([self.tokens[s]], self.args.text_len, in_features=4 * self.lat.shape[1],
-                                 **self.net_cfg) for s in cols]
+        per = [
+            dit_forward_flops(
+                [self.tokens[s]],
+                self.args.text_len,
+                in_features=4 * self.lat.shape[1],
+                **self.net_cfg,
+            )
+            for s in cols
+        ]
         return 3.0 * sum(per) / len(per)  # forward + backward
 
     def train_step(self, dtype: torch.dtype | None) -> None:
@@ -75,8 +82,10 @@ class Setup:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             samples = [self.path.sample(self.lat[i], noise[i], st, r[i]) for st, i in plan]
             preds = self.net.forward_packed(
-                [s.x_t for s in samples], [s.timestep.float() for s in samples],
-                [self.ctx[i] for _, i in plan], [self.mask[i] for _, i in plan],
+                [s.x_t for s in samples],
+                [s.timestep.float() for s in samples],
+                [self.ctx[i] for _, i in plan],
+                [self.mask[i] for _, i in plan],
                 [self.pooled[i] for _, i in plan],
             )
             loss = torch.cat([per_sample_mse(p, s.target) for p, s in zip(preds, samples)]).mean()
@@ -94,9 +103,16 @@ class Setup:
         self.net.train()
 
     def predicted_sample_flops(self, steps: list[int]) -> float:
-        return sum(n * dit_forward_flops([self.tokens[i]], self.args.text_len,
-                                         in_features=4 * self.lat.shape[1], **self.net_cfg)
-                   for i, n in enumerate(steps))
+        return sum(
+            n
+            * dit_forward_flops(
+                [self.tokens[i]],
+                self.args.text_len,
+                in_features=4 * self.lat.shape[1],
+                **self.net_cfg,
+            )
+            for i, n in enumerate(steps)
+        )
 
 
 def block_noise_loop(shape, gamma: float) -> torch.Tensor:
@@ -112,14 +128,18 @@ def block_noise_loop(shape, gamma: float) -> torch.Tensor:
             for ti in range(t):
                 for y in range(0, h, 2):
                     for x in range(0, w, 2):
-                        out[bi, ci, ti, y : y + 2, x : x + 2] = (factor @ torch.randn(4)).reshape(2, 2)
+                        out[bi, ci, ti, y : y + 2, x : x + 2] = (factor @ torch.randn(4)).reshape(
+                            2, 2
+                        )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="dit_s")
-    ap.add_argument("--latent", type=int, nargs=4, default=[16, 5, 16, 16], metavar=("C", "T", "H", "W"))
+    ap.add_argument(
+        "--latent", type=int, nargs=4, default=[16, 5, 16, 16], metavar=("C", "T", "H", "W")
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8, help="n: stages_3 uses [n,n,n], stages_1 3n")
@@ -135,31 +155,71 @@ def main() -> None:
     t3 = timeit(lambda: pyr.train_step(bf16), args.repeats)
     sps1, sps3 = args.batch / t1, args.batch / t3
     pred_train = flat.predicted_train_flops_per_sample() / pyr.predicted_train_flops_per_sample()
-    rows.append(("video tokens / training sample", f"{flat.tokens_per_sample():.0f}",
-                 f"{pyr.tokens_per_sample():.0f}",
-                 f"{flat.tokens_per_sample() / pyr.tokens_per_sample():.2f}x fewer", "-"))
-    rows.append(("training samples/s (bf16-mixed)", f"{sps1:.1f}", f"{sps3:.1f}",
-                 f"{sps3 / sps1:.2f}x", f"{pred_train:.2f}x"))
+    rows.append(
+        (
+            "video tokens / training sample",
+            f"{flat.tokens_per_sample():.0f}",
+            f"{pyr.tokens_per_sample():.0f}",
+            f"{flat.tokens_per_sample() / pyr.tokens_per_sample():.2f}x fewer",
+            "-",
+        )
+    )
+    rows.append(
+        (
+            "training samples/s (bf16-mixed)",
+            f"{sps1:.1f}",
+            f"{sps3:.1f}",
+            f"{sps3 / sps1:.2f}x",
+            f"{pred_train:.2f}x",
+        )
+    )
     n = args.steps
     s1 = timeit(lambda: flat.sample_video([3 * n], bf16), max(2, args.repeats // 2), 1)
     s3 = timeit(lambda: pyr.sample_video([n, n, n], bf16), max(2, args.repeats // 2), 1)
     pred_sample = flat.predicted_sample_flops([3 * n]) / pyr.predicted_sample_flops([n] * 3)
-    rows.append((f"sampling s/video (K=1: {3 * n} steps, K=3: [{n},{n},{n}])", f"{s1:.3f}",
-                 f"{s3:.3f}", f"{s1 / s3:.2f}x faster", f"{pred_sample:.2f}x"))
+    rows.append(
+        (
+            f"sampling s/video (K=1: {3 * n} steps, K=3: [{n},{n},{n}])",
+            f"{s1:.3f}",
+            f"{s3:.3f}",
+            f"{s1 / s3:.2f}x faster",
+            f"{pred_sample:.2f}x",
+        )
+    )
     f32 = timeit(lambda: pyr.train_step(None), args.repeats)
-    rows.append(("K=3 training step s: fp32 vs bf16-mixed", f"{f32:.3f}", f"{t3:.3f}",
-                 f"bf16 {f32 / t3:.2f}x faster", "-"))
+    rows.append(
+        (
+            "K=3 training step s: fp32 vs bf16-mixed",
+            f"{f32:.3f}",
+            f"{t3:.3f}",
+            f"bf16 {f32 / t3:.2f}x faster",
+            "-",
+        )
+    )
     shape = (1, args.latent[0], args.latent[1], args.latent[2], args.latent[3])
     tv = timeit(lambda: block_noise(shape, 1 / 3), 20)
     tl = timeit(lambda: block_noise_loop(shape, 1 / 3), 2, 1)
-    rows.append((f"block noise for one {tuple(shape)} latent, s: loop vs vectorised", f"{tl:.4f}",
-                 f"{tv:.6f}", f"{tl / tv:.0f}x faster", "-"))
+    rows.append(
+        (
+            f"block noise for one {tuple(shape)} latent, s: loop vs vectorised",
+            f"{tl:.4f}",
+            f"{tv:.6f}",
+            f"{tl / tv:.0f}x faster",
+            "-",
+        )
+    )
 
-    header = "| measurement | K=1 (flat) / baseline | K=3 (pyramid) / ours | measured | FLOP-predicted |"
+    header = (
+        "| measurement | K=1 (flat) / baseline | K=3 (pyramid) / ours | measured "
+        "| FLOP-predicted |"
+    )
     lines = [header, "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    env = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-           f"torch {torch.__version__}; net={args.net}, latent (C,T,H,W)={tuple(args.latent)}, "
-           f"batch={args.batch}, text tokens={args.text_len}, median of {args.repeats}.")
+    env = (
+        f"Machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; net={args.net}, latent (C,T,H,W)={tuple(args.latent)}, "
+        f"batch={args.batch}, text tokens={args.text_len}, median of {args.repeats}."
+    )
     table = "\n".join(lines)
     print(env)
     print(table)

@@ -31,7 +31,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise FileNotFoundError(
             f"prompts_file={path} does not exist; fix: a .txt file (one prompt a line) or a "
-            ".jsonl file (a \"prompt\" field a line)"
+            '.jsonl file (a "prompt" field a line)'
         )
     lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
     if p.suffix == ".jsonl":
@@ -39,7 +39,7 @@ def read_prompts(path: str | Path) -> list[str]:
         for i, ln in enumerate(lines):
             row = json.loads(ln)
             if "prompt" not in row:
-                raise ValueError(f"prompts_file={path} line {i + 1} has no \"prompt\" field")
+                raise ValueError(f'prompts_file={path} line {i + 1} has no "prompt" field')
             prompts.append(str(row["prompt"]))
     else:
         prompts = [ln.strip() for ln in lines]
@@ -55,26 +55,38 @@ def sample(cfg: DictConfig) -> Path:
     hp = module.hparams
     steps = list(cfg.steps) if cfg.steps is not None else list(hp.sampling["steps"])
     w = cfg.guidance_scale if cfg.guidance_scale is not None else hp.sampling["guidance_scale"]
-    neg = cfg.negative_prompt if cfg.negative_prompt is not None else hp.sampling["negative_prompt"]
+    neg = (
+        cfg.negative_prompt if cfg.negative_prompt is not None else hp.sampling["negative_prompt"]
+    )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, strips = [], []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         # seed of prompt i is seed + i: the same video whatever the batch size
-        videos = module.generate(chunk, seed=cfg.seed + start, steps=steps, guidance_scale=w,
-                                 negative_prompt=neg)
+        videos = module.generate(
+            chunk, seed=cfg.seed + start, steps=steps, guidance_scale=w, negative_prompt=neg
+        )
         strips.append(videos[:, :, :])
         for j, (prompt, video) in enumerate(zip(chunk, videos)):
             i = start + j
             write_mp4(out / f"{i:04d}.mp4", video, fps=hp.video["fps"])
-            records.append({
-                "file": f"{i:04d}.mp4", "prompt": prompt, "seed": cfg.seed + i,
-                "steps_per_stage": steps, "guidance_scale": w, "negative_prompt": neg,
-                "frames": int(video.shape[1]), "height": int(video.shape[2]),
-                "width": int(video.shape[3]), "fps": hp.video["fps"],
-                "ckpt_path": str(cfg.ckpt_path), "ckpt_sha256": sha,
-            })
+            records.append(
+                {
+                    "file": f"{i:04d}.mp4",
+                    "prompt": prompt,
+                    "seed": cfg.seed + i,
+                    "steps_per_stage": steps,
+                    "guidance_scale": w,
+                    "negative_prompt": neg,
+                    "frames": int(video.shape[1]),
+                    "height": int(video.shape[2]),
+                    "width": int(video.shape[3]),
+                    "fps": hp.video["fps"],
+                    "ckpt_path": str(cfg.ckpt_path),
+                    "ckpt_sha256": sha,
+                }
+            )
     with open(out / "samples.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -1,4 +1,4 @@
-"""Train a pyramidal flow matching video model: `python src/train.py [experiment=...] [k=v ...]`."""
+"""Train a pyramidal flow matching video model: `python src/train.py [group=option] [k=v]`."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def train(cfg: DictConfig) -> dict:
         lg.log_hyperparams({"run_name": cfg.run_name, "tags": list(cfg.tags), **model.hparams})
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg),
-                    weights_only=True)
+        trainer.fit(
+            model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=True
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     out = Path(cfg.paths.output_dir)
     log.info(f"Checkpoints: {out / 'checkpoints'}")

@@ -17,11 +17,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-def compose_train(overrides: list[str] | None = None, return_hydra_config: bool = True) -> DictConfig:
+def compose_train(
+    overrides: list[str] | None = None, return_hydra_config: bool = True
+) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train.yaml", overrides=overrides or [],
-                       return_hydra_config=return_hydra_config)
+        return compose(
+            "train.yaml", overrides=overrides or [], return_hydra_config=return_hydra_config
+        )
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +33,21 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     from src.data.shards import write_digits_shards
 
     root = tmp_path_factory.mktemp("data")
-    write_digits_shards(root / "shards" / "digits", num_train=16, num_val=8,
-                        samples_per_shard=8, seed=0)
+    write_digits_shards(
+        root / "shards" / "digits", num_train=16, num_val=8, samples_per_shard=8, seed=0
+    )
     return root
 
 
 def tiny_cfg(tmp_path: Path, data_root: Path, extra: list[str] | None = None) -> DictConfig:
-    cfg = compose_train(["experiment=tiny", f"paths.data_dir={data_root}",
-                         f"hydra.run.dir={tmp_path}", *(extra or [])])
+    cfg = compose_train(
+        [
+            "experiment=tiny",
+            f"paths.data_dir={data_root}",
+            f"hydra.run.dir={tmp_path}",
+            *(extra or []),
+        ]
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.log_dir = str(tmp_path)

@@ -13,8 +13,20 @@ from src.models.registry import DIT_PRESETS
 from src.utils.config_checks import ConfigError, config_problems, validate_config
 from tests.conftest import CONFIG_DIR, compose_train
 
-GROUPS = ["pyramid", "strategy", "trainer", "logger", "callbacks", "autoencoder", "text_encoder",
-          "model/net", "experiment", "debug", "temporal", "sampling"]
+GROUPS = [
+    "pyramid",
+    "strategy",
+    "trainer",
+    "logger",
+    "callbacks",
+    "autoencoder",
+    "text_encoder",
+    "model/net",
+    "experiment",
+    "debug",
+    "temporal",
+    "sampling",
+]
 
 
 def options(group: str) -> list[str]:
@@ -56,8 +68,10 @@ BAD = [
     (["pyramid.sample_steps=[8]"], "pyramid.sample_steps=[8] needs 3"),
     (["data.batch_size=6"], "data.batch_size=6 must be divisible by"),
     (["model.net.attn_backend=flash3"], "model.net.attn_backend=flash3 is unknown"),
-    (["autoencoder=space_to_depth", "autoencoder.latent_channels=64"],
-     "autoencoder.latent_channels=64 must be 3*s*s*f_t=192"),
+    (
+        ["autoencoder=space_to_depth", "autoencoder.latent_channels=64"],
+        "autoencoder.latent_channels=64 must be 3*s*s*f_t=192",
+    ),
     (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt does not exist"),
 ]
 

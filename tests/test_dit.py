@@ -146,3 +146,19 @@ def test_parameter_count_formula_matches_the_module():
     assert blocks == count_parameters(**cfg)
     big = count_parameters(**DIT_PRESETS["dit_2b"])
     assert 1.8e9 < big < 2.1e9  # the paper's ~2B miniFLUX
+
+
+def test_analytic_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from src.utils.flops import dit_forward_flops
+
+    cfg = dict(DIT_PRESETS["dit_tiny"], hidden_size=64, num_heads=2, rope_axes=(8, 12, 12))
+    net = make_net(**cfg).eval()
+    xs = [torch.randn(1, C, 2, 4, 4), torch.randn(1, C, 2, 8, 8)]
+    ctx, mask, pooled = text(1, length=6, valid=6)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.forward_packed(xs, [torch.ones(1)] * 2, [ctx] * 2, [mask] * 2, [pooled] * 2)
+    predicted = dit_forward_flops([8, 32], 6, in_features=C * 4, text_dim=TXT, **cfg)
+    measured = counter.get_total_flops()
+    assert abs(predicted - measured) / measured < 0.1, (predicted, measured)

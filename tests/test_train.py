@@ -52,17 +52,30 @@ def test_resume_continues_global_step(tmp_path, tiny_data_dir):
 def test_sample_cli_contract(cfg_train, tmp_path):
     train(cfg_train)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "a red digit 3 moving right"}\n{"prompt": "a blue digit 0 moving up"}\n')
+    prompts.write_text(
+        '{"prompt": "a red digit 3 moving right"}\n{"prompt": "a blue digit 0 moving up"}\n'
+    )
     out = tmp_path / "videos"
-    cfg = {"ckpt_path": str(Path(cfg_train.paths.output_dir) / "checkpoints" / "last.ckpt"),
-           "prompts_file": str(prompts), "out_dir": str(out), "seed": 3, "batch_size": 1,
-           "device": "cpu", "steps": [2, 2], "guidance_scale": None, "negative_prompt": None}
+    cfg = {
+        "ckpt_path": str(Path(cfg_train.paths.output_dir) / "checkpoints" / "last.ckpt"),
+        "prompts_file": str(prompts),
+        "out_dir": str(out),
+        "seed": 3,
+        "batch_size": 1,
+        "device": "cpu",
+        "steps": [2, 2],
+        "guidance_scale": None,
+        "negative_prompt": None,
+    }
     from omegaconf import OmegaConf
 
     sample(OmegaConf.create(cfg))
     assert sorted(p.name for p in out.glob("*.mp4")) == ["0000.mp4", "0001.mp4"]
     rows = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == ["a red digit 3 moving right", "a blue digit 0 moving up"]
+    assert [r["prompt"] for r in rows] == [
+        "a red digit 3 moving right",
+        "a blue digit 0 moving up",
+    ]
     assert [r["seed"] for r in rows] == [3, 4]
     assert rows[0]["steps_per_stage"] == [2, 2] and rows[0]["frames"] == 9 and rows[0]["fps"] == 8
     assert len(rows[0]["ckpt_sha256"]) == 64
@@ -73,3 +86,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         read_prompts(tmp_path / "nope.txt")
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*does not exist"):
         load_module(tmp_path / "missing.ckpt")
+
+
+def test_a_video_does_not_depend_on_its_batch(cfg_train):
+    train(cfg_train)
+    module = load_module(Path(cfg_train.paths.output_dir) / "checkpoints" / "last.ckpt")
+    pair = module.generate(["a red digit 3 moving right", "a blue digit 0 moving up"], seed=2)
+    alone = module.generate(["a blue digit 0 moving up"], seed=3)
+    assert torch.allclose(pair[1], alone[0], atol=1e-5)
+
+
+def test_ema_that_has_not_started_leaves_the_trained_weights(tmp_path, tiny_data_dir):
+    cfg = tiny_cfg(tmp_path, tiny_data_dir, ["callbacks.ema.start_step=100"])
+    train(cfg)
+    module = load_module(tmp_path / "checkpoints" / "last.ckpt")
+    assert module.autoencoder.is_fitted
+    assert module.net.final_linear.weight.abs().sum() > 0  # zero-initialised, then trained
+    assert (tmp_path / "samples").is_dir()

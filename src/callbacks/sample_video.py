@@ -16,22 +16,30 @@ from src.utils.visualize import save_frame_strip
 class SampleVideo(L.Callback):
     """samples/step_{step:08d}/{prompt_idx:02d}.mp4 + strip.png in the run folder (+ W&B)."""
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 1000, seed: int = 0,
-                 fps: int = 8, on_train_end: bool = True):
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 1000,
+        seed: int = 0,
+        fps: int = 8,
+        on_train_end: bool = True,
+    ):
         self.prompts, self.every, self.seed, self.fps = list(prompts), every_n_steps, seed, fps
         self.at_end = on_train_end
+        self.last_written = -1  # with gradient accumulation a step spans several batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every > 0 and step % self.every == 0 and step > 0:
+        if self.every > 0 and step % self.every == 0 and step > 0 and step != self.last_written:
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_end and trainer.global_step % max(self.every, 1) != 0:
+        if self.at_end and trainer.global_step != self.last_written:
             self.write(trainer, pl_module)
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        self.last_written = trainer.global_step
         module = pl_module
         for cb in trainer.callbacks:  # prefer the EMA weights while training
             if isinstance(cb, EMA) and cb.averaged_module() is not None and trainer.training:
@@ -49,7 +57,11 @@ class SampleVideo(L.Callback):
                 import wandb
 
                 lg.experiment.log(
-                    {"samples": [wandb.Video(str(p), caption=c) for p, c in zip(paths, self.prompts)]},
+                    {
+                        "samples": [
+                            wandb.Video(str(p), caption=c) for p, c in zip(paths, self.prompts)
+                        ]
+                    },
                     step=trainer.global_step,
                 )
         return out

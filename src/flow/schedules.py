@@ -107,7 +107,8 @@ def build_stage_schedule(
     if not 0.0 < gamma <= 1.0 / 3.0 + 1e-9:
         raise ValueError(
             f"pyramid.gamma={gamma} must lie in (0, 1/3]: the 2x2 block covariance "
-            "(1+gamma)I - gamma*11^T is not positive semi-definite above 1/3; fix: pyramid.gamma=0.3333"
+            "(1+gamma)I - gamma*11^T is not positive semi-definite above 1/3; "
+            "fix: pyramid.gamma=0.3333"
         )
     n = num_train_timesteps
     table = [shift_sigma((n - j) / n, shift) for j in range(n)]

@@ -178,7 +178,8 @@ class PyramidDiT(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x, timestep, context, context_mask, pooled):
-        """One segment: x (B, C, T, H, W), timestep (B,), context (B, L, Dt), mask (B, L), pooled."""
+        """One segment: x (B, C, T, H, W), timestep (B,), context (B, L, Dt), mask (B, L), pooled
+        (B, Dp) -> velocity (B, C, T, H, W)."""
         return self.forward_packed([x], [timestep], [context], [context_mask], [pooled])[0]
 
     def forward_packed(self, xs, timesteps, contexts, context_masks, pooled):

@@ -108,7 +108,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0):
-    """Sinusoidal embedding of continuous timesteps (0..1000 scale): (B,) -> (B, dim), [cos|sin]."""
+    """Sinusoidal embedding of continuous timesteps (0..1000): (B,) -> (B, dim), [cos | sin]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -128,7 +128,7 @@ class MLPEmbedder(nn.Module):
 
 
 def patchify(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, T, H, W) -> tokens (B, T*(H/p)*(W/p), C*p*p) and integer positions (N, 3) = (t, h, w)."""
+    """(B, C, T, H, W) -> tokens (B, T*(H/p)*(W/p), C*p*p) + integer (t, h, w) positions (N, 3)."""
     b, c, t, h, w = x.shape
     if h % p or w % p:
         raise ValueError(f"latent size {h}x{w} is not divisible by model.net.patch_size={p}")

@@ -24,8 +24,16 @@ from src.sampling.pyramid_sampler import PyramidSampler
 
 class PyramidFlowModule(L.LightningModule):
     def __init__(
-        self, net: dict, pyramid: dict, autoencoder: dict, text_encoder: dict, optim: dict,
-        video: dict, sampling: dict, cfg_dropout: float = 0.1, val_seed: int = 1234,
+        self,
+        net: dict,
+        pyramid: dict,
+        autoencoder: dict,
+        text_encoder: dict,
+        optim: dict,
+        video: dict,
+        sampling: dict,
+        cfg_dropout: float = 0.1,
+        val_seed: int = 1234,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -57,6 +65,8 @@ class PyramidFlowModule(L.LightningModule):
 
         Every rank fits, then rank 0's buffers are broadcast so all ranks share one latent space.
         """
+        if self.trainer.world_size > 1:  # distinct noise, ratios and dropout on every rank
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
         ae = self.autoencoder
         if not getattr(ae, "requires_fit", False) or ae.is_fitted:
             return
@@ -89,9 +99,11 @@ class PyramidFlowModule(L.LightningModule):
     def pyramid_loss(
         self, latents: torch.Tensor, feats: TextFeatures, noise: torch.Tensor, r: torch.Tensor
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Pack the batch into stage columns, one DiT pass, per-sample MSE -> (B,) and per stage."""
+        """Pack the batch into stage columns, one DiT pass; per-sample MSE (B,) and per stage."""
         plan = column_plan(latents.shape[0], self.hparams.pyramid["stage_sample_ratios"])
-        samples = [self.path.sample(latents[idx], noise[idx], stage, r[idx]) for stage, idx in plan]
+        samples = [
+            self.path.sample(latents[idx], noise[idx], stage, r[idx]) for stage, idx in plan
+        ]
         preds = self.net.forward_packed(
             [s.x_t for s in samples],
             [s.timestep.float() for s in samples],
@@ -136,24 +148,35 @@ class PyramidFlowModule(L.LightningModule):
             pred = self.net(s.x_t, s.timestep.float(), feats.tokens, feats.mask, feats.pooled)
             stage_losses.append(per_sample_mse(pred, s.target).mean())
             self.log(f"val/loss_stage{stage}", stage_losses[-1], batch_size=b, sync_dist=True)
-        self.log("val/loss", torch.stack(stage_losses).mean(), prog_bar=True, batch_size=b,
-                 sync_dist=True)
+        self.log(
+            "val/loss",
+            torch.stack(stage_losses).mean(),
+            prog_bar=True,
+            batch_size=b,
+            sync_dist=True,
+        )
 
     # ----------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], seed: int = 0, steps: list[int] | None = None,
-        guidance_scale: float | None = None, negative_prompt: str | None = None,
+        self,
+        prompts: list[str],
+        seed: int = 0,
+        steps: list[int] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
     ) -> torch.Tensor:
         """Text-to-video: prompts -> videos (B, 3, T, H, W) in [-1, 1]; noise seeded per prompt."""
         cfg = self.hparams.sampling
         steps = list(steps if steps is not None else cfg["steps"])
         w = cfg["guidance_scale"] if guidance_scale is None else guidance_scale
         neg = cfg["negative_prompt"] if negative_prompt is None else negative_prompt
-        noise = torch.stack([
-            torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed + i))
-            for i in range(len(prompts))
-        ]).to(self.device)
+        noise = torch.stack(
+            [
+                torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed + i))
+                for i in range(len(prompts))
+            ]
+        ).to(self.device)
         cond = self.text_features([p + cfg.get("prompt_suffix", "") for p in prompts])
         if w > 0:
             unc = self.text_features([neg] * len(prompts))
@@ -164,10 +187,12 @@ class PyramidFlowModule(L.LightningModule):
         else:
             fn = lambda z, t, st: self.net(z, t, cond.tokens, cond.mask, cond.pooled)
         sampler = PyramidSampler(self.schedule, steps, ratio_grid=cfg.get("ratio_grid", "uniform"))
-        g = torch.Generator(device=self.device).manual_seed(seed + 10_007)
+        # jump noise from one generator per prompt: a video does not depend on its batch
+        gens = [torch.Generator(device=self.device).manual_seed(seed + i + 10_007)
+                for i in range(len(prompts))]
         was_training = self.net.training
         self.net.eval()
-        latents = sampler.sample(noise, fn, generator=g)
+        latents = sampler.sample(noise, fn, generator=gens)
         self.net.train(was_training)
         return self.autoencoder.decode(latents.float()).clamp(-1, 1)
 
@@ -180,16 +205,23 @@ class PyramidFlowModule(L.LightningModule):
                 continue
             (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"], betas=tuple(o["betas"]), eps=o.get("eps", 1e-8),
+            [
+                {"params": decay, "weight_decay": o["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            eps=o.get("eps", 1e-8),
         )
         warmup, total = o["warmup_steps"], max(self.trainer.max_steps, 1)
         min_ratio, kind = o.get("min_lr_ratio", 0.0), o.get("schedule", "constant")
 
         def factor(step: int) -> float:
             if step < warmup:
-                return o.get("warmup_start_factor", 0.01) + (1 - o.get("warmup_start_factor", 0.01)) * step / warmup
+                return (
+                    o.get("warmup_start_factor", 0.01)
+                    + (1 - o.get("warmup_start_factor", 0.01)) * step / warmup
+                )
             if kind == "cosine":
                 prog = min((step - warmup) / max(total - warmup, 1), 1.0)
                 return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))

@@ -17,6 +17,7 @@ from src.flow.schedules import StageSchedule
 from src.sampling.solvers import euler_step, ratio_grid
 
 StageVelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class PyramidSampler:
@@ -37,13 +38,17 @@ class PyramidSampler:
         self.steps = [int(s) for s in steps_per_stage]
         self.grid = ratio_grid
 
-    def jump(self, z: torch.Tensor, stage: int, generator: torch.Generator | None = None):
-        """Enter stage `stage` > 0: z <- alpha * Up(z) + beta * n' (plain Up without correction)."""
+    def jump(self, z: torch.Tensor, stage: int, generator: Generators = None):
+        """Enter stage `stage` > 0: z <- alpha Up(z) + beta n' (plain Up without correction)."""
         sch = self.schedule
         z = upsample(z)
         if not sch.corrective_noise:
             return z
-        n = block_noise(tuple(z.shape), sch.gamma, generator, dtype=z.dtype, device=z.device)
+        if isinstance(generator, (list, tuple)):  # one generator per row: batch-independent
+            row = (1, *z.shape[1:])
+            n = torch.cat([block_noise(row, sch.gamma, g, z.dtype, z.device) for g in generator])
+        else:
+            n = block_noise(tuple(z.shape), sch.gamma, generator, dtype=z.dtype, device=z.device)
         return sch.renoise_alpha[stage] * z + sch.renoise_beta[stage] * n
 
     def integrate_stage(self, z: torch.Tensor, stage: int, velocity_fn: StageVelocityFn):
@@ -66,6 +71,8 @@ class PyramidSampler:
 
         The stage-0 start is 2^(K-1)-fold average-pooled (and rescaled) from this one draw, as
         in training (spec section 3.1), so a fixed seed fixes the whole trajectory's start.
+        `generator` draws the jump noise; a list of one generator per row makes every row's
+        video independent of the batch it is sampled in.
         """
         z = noise_pyramid(noise, self.schedule.num_stages)[0]
         for stage in range(self.schedule.num_stages):

@@ -28,19 +28,30 @@ def config_problems(cfg: DictConfig) -> list[str]:
     p, v, ae, net = cfg.pyramid, cfg.video, cfg.autoencoder, cfg.model.net
     k = int(p.num_stages)
     if len(p.stage_range) != k + 1:
-        out.append(f"pyramid.stage_range={list(p.stage_range)} needs num_stages + 1 = {k + 1} "
-                   "entries; fix: one boundary per stage plus the final 1.0")
-    elif any(b <= a for a, b in zip(p.stage_range, p.stage_range[1:])) or p.stage_range[0] != 0 \
-            or p.stage_range[-1] != 1:
+        out.append(
+            f"pyramid.stage_range={list(p.stage_range)} needs num_stages + 1 = {k + 1} "
+            "entries; fix: one boundary per stage plus the final 1.0"
+        )
+    elif (
+        any(b <= a for a, b in zip(p.stage_range, p.stage_range[1:]))
+        or p.stage_range[0] != 0
+        or p.stage_range[-1] != 1
+    ):
         out.append(f"pyramid.stage_range={list(p.stage_range)} must increase strictly from 0 to 1")
     if len(p.stage_sample_ratios) != k:
-        out.append(f"pyramid.stage_sample_ratios={list(p.stage_sample_ratios)} needs {k} entries "
-                   "(one per stage); fix: e.g. [1, 2, 1] for 3 stages")
+        out.append(
+            f"pyramid.stage_sample_ratios={list(p.stage_sample_ratios)} needs {k} entries "
+            "(one per stage); fix: e.g. [1, 2, 1] for 3 stages"
+        )
     if len(p.sample_steps) != k:
-        out.append(f"pyramid.sample_steps={list(p.sample_steps)} needs {k} entries (one per stage)")
+        out.append(
+            f"pyramid.sample_steps={list(p.sample_steps)} needs {k} entries (one per stage)"
+        )
     if not 0 < float(p.gamma) <= 1 / 3 + 1e-9:
-        out.append(f"pyramid.gamma={p.gamma} must lie in (0, 1/3] (2x2 block covariance must be "
-                   "positive semi-definite); fix: pyramid.gamma=0.3333333333")
+        out.append(
+            f"pyramid.gamma={p.gamma} must lie in (0, 1/3] (2x2 block covariance must be "
+            "positive semi-definite); fix: pyramid.gamma=0.3333333333"
+        )
     factor = int(ae.spatial_factor) * int(net.patch_size) * 2 ** (k - 1)
     for name in ("height", "width"):
         size = int(v[name])
@@ -54,23 +65,31 @@ def config_problems(cfg: DictConfig) -> list[str]:
     ft = int(ae.temporal_factor)
     if (int(v.num_frames) - 1) % ft:
         lo = (int(v.num_frames) - 1) // ft * ft + 1
-        out.append(f"video.num_frames={v.num_frames} must be k*{ft}+1 for the causal autoencoder "
-                   f"(temporal_factor={ft}); fix: video.num_frames={lo} or {lo + ft}")
+        out.append(
+            f"video.num_frames={v.num_frames} must be k*{ft}+1 for the causal autoencoder "
+            f"(temporal_factor={ft}); fix: video.num_frames={lo} or {lo + ft}"
+        )
     lc = _latent_channels(ae)
     if lc is not None and int(ae.latent_channels) != lc:
-        out.append(f"autoencoder.latent_channels={ae.latent_channels} must be 3*s*s*f_t={lc} for "
-                   "space_to_depth; fix: autoencoder.latent_channels=" + str(lc))
+        out.append(
+            f"autoencoder.latent_channels={ae.latent_channels} must be 3*s*s*f_t={lc} for "
+            "space_to_depth; fix: autoencoder.latent_channels=" + str(lc)
+        )
     bs, cols = int(cfg.data.batch_size), sum(int(r) for r in p.stage_sample_ratios)
     if cols and bs % cols:
-        out.append(f"data.batch_size={bs} must be divisible by sum(pyramid.stage_sample_ratios)="
-                   f"{cols}; fix: data.batch_size={max(cols, bs // cols * cols)}")
+        out.append(
+            f"data.batch_size={bs} must be divisible by sum(pyramid.stage_sample_ratios)="
+            f"{cols}; fix: data.batch_size={max(cols, bs // cols * cols)}"
+        )
     backend = net.get("attn_backend", "sdpa")
     if backend not in ("sdpa", "sdpa_segments"):
         out.append(f"model.net.attn_backend={backend} is unknown; fix: sdpa or sdpa_segments")
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
-        out.append(f"ckpt_path={ckpt} does not exist; fix: a path to a .ckpt file, 'last' to "
-                   "resume this run_name, or null")
+        out.append(
+            f"ckpt_path={ckpt} does not exist; fix: a path to a .ckpt file, 'last' to "
+            "resume this run_name, or null"
+        )
     return out
 
 

@@ -16,8 +16,15 @@ def block_linear_macs_per_token(hidden_size: int, mlp_ratio: float = 4.0) -> tup
 
 
 def dit_forward_flops(
-    seg_video_tokens: list[int], text_tokens: int, hidden_size: int, depth_double: int,
-    depth_single: int, in_features: int, mlp_ratio: float = 4.0, text_dim: int = 384, **_,
+    seg_video_tokens: list[int],
+    text_tokens: int,
+    hidden_size: int,
+    depth_double: int,
+    depth_single: int,
+    in_features: int,
+    mlp_ratio: float = 4.0,
+    text_dim: int = 384,
+    **_,
 ) -> float:
     """FLOPs of one forward over one packed row: segments of `seg_video_tokens` video tokens,
     each with its own `text_tokens` text tokens, attention block-diagonal over segments.
@@ -37,8 +44,9 @@ def dit_forward_flops(
     return 2.0 * macs
 
 
-def pyramid_tokens_per_stage(latent_t: int, latent_h: int, latent_w: int, patch: int,
-                             num_stages: int) -> list[int]:
+def pyramid_tokens_per_stage(
+    latent_t: int, latent_h: int, latent_w: int, patch: int, num_stages: int
+) -> list[int]:
     """Video tokens of one sample at each stage (stage 0 coarsest)."""
     out = []
     for i in range(num_stages):

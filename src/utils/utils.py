@@ -26,7 +26,9 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
     tree = rich.tree.Tree("CONFIG", style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key))
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to is not None:
@@ -50,7 +52,9 @@ def _instantiate_group(cfg: DictConfig | None, kind: type, name: str) -> list:
         if isinstance(conf, DictConfig) and "_target_" in conf:
             obj = hydra.utils.instantiate(conf)
             if not isinstance(obj, kind):
-                raise TypeError(f"{name}.{key} built a {type(obj).__name__}, not a {kind.__name__}")
+                raise TypeError(
+                    f"{name}.{key} built a {type(obj).__name__}, not a {kind.__name__}"
+                )
             objs.append(obj)
     return objs
 

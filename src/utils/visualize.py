@@ -20,10 +20,14 @@ def save_frame_strip(videos: torch.Tensor, path: str | Path, every: int = 2, sca
     rows = []
     for v in videos:
         frames = to_uint8_frames(v)[::every]
-        row = np.concatenate([np.pad(f, ((1, 1), (1, 1), (0, 0)), constant_values=80) for f in frames], 1)
+        row = np.concatenate(
+            [np.pad(f, ((1, 1), (1, 1), (0, 0)), constant_values=80) for f in frames], 1
+        )
         rows.append(row)
     grid = np.concatenate(rows, 0)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    img = Image.fromarray(grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return Path(path)

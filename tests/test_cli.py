@@ -1,0 +1,57 @@
+"""Entry points as a user runs them (subprocesses): the slow tier."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": str(ROOT)}
+
+
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_train_then_sample_cli(tmp_path, tiny_data_dir):
+    res = run(["src/train.py", "experiment=tiny", f"paths.data_dir={tiny_data_dir}",
+               f"paths.log_dir={tmp_path}", "run_name=cli"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "train" / "runs" / "cli"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red digit 3 moving right\na green digit 7 moving left\n")
+    out = tmp_path / "videos"
+    res = run(["src/sample.py", f"ckpt_path={ckpt}", f"prompts_file={prompts}", f"out_dir={out}",
+               f"paths.log_dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["0000.mp4", "0001.mp4"]
+    assert all((out / r["file"]).stat().st_size > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_multirun_sweep_over_pyramids(tmp_path, tiny_data_dir):
+    res = run(["src/train.py", "-m", "experiment=tiny", "pyramid=stages_1,stages_2",
+               f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={tmp_path}",
+               "trainer.max_steps=2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted((tmp_path / "train" / "multiruns").glob("*/*/.hydra/overrides.yaml"))
+    assert len(jobs) == 2
+    assert {"pyramid=stages_1" in j.read_text() for j in jobs} == {True, False}
+
+
+def test_bad_config_stops_before_building_anything(tmp_path):
+    res = run(["src/train.py", "video.height=60", f"paths.log_dir={tmp_path}"], timeout=120)
+    assert res.returncode != 0
+    assert "video.height=60 must be divisible by" in res.stderr
+    assert "Instantiating" not in res.stderr + res.stdout
