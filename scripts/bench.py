@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from src.flow.pyramid import PyramidPath, block_noise, column_plan, per_sample_mse
+from src.flow.pyramid import PyramidPath, block_noise, column_plan
 from src.flow.schedules import build_stage_schedule, sample_ratios
 from src.models.dit import PyramidDiT
+from src.models.pyramid_module import packed_pyramid_loss
 from src.models.registry import DIT_PRESETS
 from src.sampling.pyramid_sampler import PyramidSampler
 from src.utils.flops import dit_forward_flops, pyramid_tokens_per_stage
@@ -78,17 +79,19 @@ class Setup:
         b = self.lat.shape[0]
         noise = torch.randn_like(self.lat)
         r = sample_ratios(b)
-        plan = column_plan(b, self.ratios)
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            samples = [self.path.sample(self.lat[i], noise[i], st, r[i]) for st, i in plan]
-            preds = self.net.forward_packed(
-                [s.x_t for s in samples],
-                [s.timestep.float() for s in samples],
-                [self.ctx[i] for _, i in plan],
-                [self.mask[i] for _, i in plan],
-                [self.pooled[i] for _, i in plan],
+            losses, _ = packed_pyramid_loss(
+                self.net,
+                self.path,
+                self.ratios,
+                self.lat,
+                noise,
+                r,
+                self.ctx,
+                self.mask,
+                self.pooled,
             )
-            loss = torch.cat([per_sample_mse(p, s.target) for p, s in zip(preds, samples)]).mean()
+            loss = losses.mean()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -11,19 +11,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "HYDRA_FULL_ERROR": "1",
+    "WANDB_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONPATH": str(ROOT),
+}
 
 
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
 def test_train_then_sample_cli(tmp_path, tiny_data_dir):
-    res = run(["src/train.py", "experiment=tiny", f"paths.data_dir={tiny_data_dir}",
-               f"paths.log_dir={tmp_path}", "run_name=cli"])
+    res = run(
+        [
+            "src/train.py",
+            "experiment=tiny",
+            f"paths.data_dir={tiny_data_dir}",
+            f"paths.log_dir={tmp_path}",
+            "run_name=cli",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "train" / "runs" / "cli"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -31,8 +44,15 @@ def test_train_then_sample_cli(tmp_path, tiny_data_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red digit 3 moving right\na green digit 7 moving left\n")
     out = tmp_path / "videos"
-    res = run(["src/sample.py", f"ckpt_path={ckpt}", f"prompts_file={prompts}", f"out_dir={out}",
-               f"paths.log_dir={tmp_path}"])
+    res = run(
+        [
+            "src/sample.py",
+            f"ckpt_path={ckpt}",
+            f"prompts_file={prompts}",
+            f"out_dir={out}",
+            f"paths.log_dir={tmp_path}",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["file"] for r in rows] == ["0000.mp4", "0001.mp4"]
@@ -41,9 +61,17 @@ def test_train_then_sample_cli(tmp_path, tiny_data_dir):
 
 @pytest.mark.slow
 def test_multirun_sweep_over_pyramids(tmp_path, tiny_data_dir):
-    res = run(["src/train.py", "-m", "experiment=tiny", "pyramid=stages_1,stages_2",
-               f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={tmp_path}",
-               "trainer.max_steps=2"])
+    res = run(
+        [
+            "src/train.py",
+            "-m",
+            "experiment=tiny",
+            "pyramid=stages_1,stages_2",
+            f"paths.data_dir={tiny_data_dir}",
+            f"paths.log_dir={tmp_path}",
+            "trainer.max_steps=2",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted((tmp_path / "train" / "multiruns").glob("*/*/.hydra/overrides.yaml"))
     assert len(jobs) == 2

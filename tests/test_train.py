@@ -103,3 +103,13 @@ def test_ema_that_has_not_started_leaves_the_trained_weights(tmp_path, tiny_data
     assert module.autoencoder.is_fitted
     assert module.net.final_linear.weight.abs().sum() > 0  # zero-initialised, then trained
     assert (tmp_path / "samples").is_dir()
+
+
+def test_wandb_offline_logger_runs_without_network(tmp_path, tiny_data_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = tiny_cfg(
+        tmp_path, tiny_data_dir, ["logger=csv_wandb", "run_name=wb", "trainer.max_steps=2"]
+    )
+    train(cfg)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

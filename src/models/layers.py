@@ -5,7 +5,6 @@ Nothing here knows about noise, pyramids, Lightning or Hydra.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -36,11 +35,6 @@ class PackedLayout:
         )
         same = seg[:, None] == seg[None, :]  # (N, N)
         return (same[None] & self.key_valid[:, None, :])[:, None]
-
-
-def flash_attn_available() -> bool:
-    """flash-attn is an optional CUDA-only extra; never imported unless asked for."""
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
 def attention(

@@ -22,6 +22,41 @@ from src.sampling.guidance import guided_velocity
 from src.sampling.pyramid_sampler import PyramidSampler
 
 
+def packed_pyramid_loss(
+    net: PyramidDiT,
+    path: PyramidPath,
+    ratios: list[int],
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    r: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    pooled: torch.Tensor,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Cut the batch into stage columns, one packed DiT pass, per-sample MSE.
+
+    latents, noise: (B, C, T, H, W); r: (B,) local ratios; tokens/mask/pooled: text of each
+    sample. Returns the (B,) losses and the mean loss of every stage present.
+    """
+    plan = column_plan(latents.shape[0], ratios)
+    samples = [path.sample(latents[idx], noise[idx], stage, r[idx]) for stage, idx in plan]
+    preds = net.forward_packed(
+        [s.x_t for s in samples],
+        [s.timestep.float() for s in samples],
+        [tokens[idx] for _, idx in plan],
+        [mask[idx] for _, idx in plan],
+        [pooled[idx] for _, idx in plan],
+    )
+    losses = torch.zeros(latents.shape[0], device=latents.device)
+    for (_, idx), s, pred in zip(plan, samples, preds):
+        losses[idx] = per_sample_mse(pred, s.target)
+    per_stage = {
+        st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
+        for st in sorted({s for s, _ in plan})
+    }
+    return losses, per_stage
+
+
 class PyramidFlowModule(L.LightningModule):
     def __init__(
         self,
@@ -99,26 +134,17 @@ class PyramidFlowModule(L.LightningModule):
     def pyramid_loss(
         self, latents: torch.Tensor, feats: TextFeatures, noise: torch.Tensor, r: torch.Tensor
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Pack the batch into stage columns, one DiT pass; per-sample MSE (B,) and per stage."""
-        plan = column_plan(latents.shape[0], self.hparams.pyramid["stage_sample_ratios"])
-        samples = [
-            self.path.sample(latents[idx], noise[idx], stage, r[idx]) for stage, idx in plan
-        ]
-        preds = self.net.forward_packed(
-            [s.x_t for s in samples],
-            [s.timestep.float() for s in samples],
-            [feats.tokens[idx] for _, idx in plan],
-            [feats.mask[idx] for _, idx in plan],
-            [feats.pooled[idx] for _, idx in plan],
+        return packed_pyramid_loss(
+            self.net,
+            self.path,
+            self.hparams.pyramid["stage_sample_ratios"],
+            latents,
+            noise,
+            r,
+            feats.tokens,
+            feats.mask,
+            feats.pooled,
         )
-        losses = torch.zeros(latents.shape[0], device=latents.device)
-        for (_, idx), s, pred in zip(plan, samples, preds):
-            losses[idx] = per_sample_mse(pred, s.target)
-        per_stage = {
-            st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
-            for st in sorted({s for s, _ in plan})
-        }
-        return losses, per_stage
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.encode_video(batch["video"])
@@ -188,8 +214,10 @@ class PyramidFlowModule(L.LightningModule):
             fn = lambda z, t, st: self.net(z, t, cond.tokens, cond.mask, cond.pooled)
         sampler = PyramidSampler(self.schedule, steps, ratio_grid=cfg.get("ratio_grid", "uniform"))
         # jump noise from one generator per prompt: a video does not depend on its batch
-        gens = [torch.Generator(device=self.device).manual_seed(seed + i + 10_007)
-                for i in range(len(prompts))]
+        gens = [
+            torch.Generator(device=self.device).manual_seed(seed + i + 10_007)
+            for i in range(len(prompts))
+        ]
         was_training = self.net.training
         self.net.eval()
         latents = sampler.sample(noise, fn, generator=gens)
