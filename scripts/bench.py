@@ -96,13 +96,14 @@ class Setup:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def sample_video(self, steps: list[int], dtype: torch.dtype | None) -> None:
+    def sample_videos(self, steps: list[int], dtype: torch.dtype | None, n: int) -> None:
         ctx, mask, pooled = self.ctx[:1], self.mask[:1], self.pooled[:1]
+        ctx, mask, pooled = ctx.expand(n, -1, -1), mask.expand(n, -1), pooled.expand(n, -1)
         sampler = PyramidSampler(self.schedule, steps)
         fn = lambda z, t, st: self.net(z, t, ctx, mask, pooled)
         self.net.eval()
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            sampler.sample(torch.randn(1, *self.lat.shape[1:]), fn)
+            sampler.sample(torch.randn(n, *self.lat.shape[1:]), fn)
         self.net.train()
 
     def predicted_sample_flops(self, steps: list[int]) -> float:
@@ -143,7 +144,8 @@ def main() -> None:
     ap.add_argument(
         "--latent", type=int, nargs=4, default=[16, 5, 16, 16], metavar=("C", "T", "H", "W")
     )
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="training batches")
+    ap.add_argument("--sample-batch", type=int, default=8, help="videos sampled together")
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8, help="n: stages_3 uses [n,n,n], stages_1 3n")
     ap.add_argument("--repeats", type=int, default=5)
@@ -152,37 +154,40 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     rows = []  # (measurement, K=1 value, K=3 value, measured ratio, predicted ratio)
-    flat, pyr = Setup(args, 1), Setup(args, 3)
     bf16 = torch.bfloat16
-    t1 = timeit(lambda: flat.train_step(bf16), args.repeats)
-    t3 = timeit(lambda: pyr.train_step(bf16), args.repeats)
-    sps1, sps3 = args.batch / t1, args.batch / t3
-    pred_train = flat.predicted_train_flops_per_sample() / pyr.predicted_train_flops_per_sample()
-    rows.append(
-        (
-            "video tokens / training sample",
-            f"{flat.tokens_per_sample():.0f}",
-            f"{pyr.tokens_per_sample():.0f}",
-            f"{flat.tokens_per_sample() / pyr.tokens_per_sample():.2f}x fewer",
-            "-",
+    for batch in args.batches:
+        args.batch = batch
+        flat, pyr = Setup(args, 1), Setup(args, 3)
+        t1 = timeit(lambda m=flat: m.train_step(bf16), args.repeats)
+        t3 = timeit(lambda m=pyr: m.train_step(bf16), args.repeats)
+        pred = flat.predicted_train_flops_per_sample() / pyr.predicted_train_flops_per_sample()
+        if not rows:
+            rows.append(
+                (
+                    "video tokens / training sample",
+                    f"{flat.tokens_per_sample():.0f}",
+                    f"{pyr.tokens_per_sample():.0f}",
+                    f"{flat.tokens_per_sample() / pyr.tokens_per_sample():.2f}x fewer",
+                    "-",
+                )
+            )
+        rows.append(
+            (
+                f"training samples/s, batch {batch} (bf16-mixed)",
+                f"{batch / t1:.1f}",
+                f"{batch / t3:.1f}",
+                f"{t1 / t3:.2f}x",
+                f"{pred:.2f}x",
+            )
         )
-    )
-    rows.append(
-        (
-            "training samples/s (bf16-mixed)",
-            f"{sps1:.1f}",
-            f"{sps3:.1f}",
-            f"{sps3 / sps1:.2f}x",
-            f"{pred_train:.2f}x",
-        )
-    )
-    n = args.steps
-    s1 = timeit(lambda: flat.sample_video([3 * n], bf16), max(2, args.repeats // 2), 1)
-    s3 = timeit(lambda: pyr.sample_video([n, n, n], bf16), max(2, args.repeats // 2), 1)
+    n, nv = args.steps, args.sample_batch
+    reps = max(2, args.repeats // 2)
+    s1 = timeit(lambda: flat.sample_videos([3 * n], bf16, nv), reps, 1) / nv
+    s3 = timeit(lambda: pyr.sample_videos([n, n, n], bf16, nv), reps, 1) / nv
     pred_sample = flat.predicted_sample_flops([3 * n]) / pyr.predicted_sample_flops([n] * 3)
     rows.append(
         (
-            f"sampling s/video (K=1: {3 * n} steps, K=3: [{n},{n},{n}])",
+            f"sampling s/video, {nv} videos a batch (K=1: {3 * n} steps, K=3: [{n},{n},{n}])",
             f"{s1:.3f}",
             f"{s3:.3f}",
             f"{s1 / s3:.2f}x faster",
@@ -192,7 +197,7 @@ def main() -> None:
     f32 = timeit(lambda: pyr.train_step(None), args.repeats)
     rows.append(
         (
-            "K=3 training step s: fp32 vs bf16-mixed",
+            f"K=3 training step s, batch {args.batch}: fp32 vs bf16-mixed",
             f"{f32:.3f}",
             f"{t3:.3f}",
             f"bf16 {f32 / t3:.2f}x faster",
@@ -221,7 +226,7 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; net={args.net}, latent (C,T,H,W)={tuple(args.latent)}, "
-        f"batch={args.batch}, text tokens={args.text_len}, median of {args.repeats}."
+        f"text tokens={args.text_len}, median of {args.repeats}."
     )
     table = "\n".join(lines)
     print(env)
