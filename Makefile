@@ -33,7 +33,7 @@ data: $(STAMP) ## render the moving-digits dataset to webdataset shards (if miss
 	@[ -f data/shards/digits/train/manifest.json ] || $(BIN)/python scripts/make_shards.py digits --out data/shards/digits
 
 train: data ## train the CPU digits demo end to end, then sample the canonical prompts
-	$(BIN)/python src/train.py run_name=$(RUN) $(ARGS)
+	$(BIN)/python src/train.py run_name=$(RUN) ckpt_path=last $(ARGS)
 	$(BIN)/python src/sample.py ckpt_path=$(CKPT) prompts_file=$(PROMPTS) out_dir=$(OUT) run_name=$(RUN)
 	@echo "Checkpoint:   $(CKPT)"
 	@echo "Videos:       $(OUT)/*.mp4 (+ samples.jsonl, strip.png)"

@@ -47,6 +47,10 @@ def test_resume_continues_global_step(tmp_path, tiny_data_dir):
     train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
+    train(cfg)  # resuming a finished run (a second `make train`) changes nothing
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    )
 
 
 def test_sample_cli_contract(cfg_train, tmp_path):
@@ -113,3 +117,44 @@ def test_wandb_offline_logger_runs_without_network(tmp_path, tiny_data_dir, monk
     )
     train(cfg)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_compute_accounting_counts_flops_and_stops_at_a_budget(tmp_path, tiny_data_dir):
+    cfg = tiny_cfg(tmp_path, tiny_data_dir, ["callbacks.compute_accounting.peak_flops=1e12"])
+    train(cfg)
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    col = header.index("perf/cumulative_flops")
+    values = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
+    per_sample = float(
+        next(
+            r.split(",")[header.index("perf/flops_per_sample")]
+            for r in rows[1:]
+            if r.split(",")[header.index("perf/flops_per_sample")]
+        )
+    )
+    assert per_sample > 0 and values[-1] == pytest.approx(4 * 4 * per_sample)  # 4 steps x 4
+
+    budget = 2.5 * 4 * per_sample  # stops after the third step of batch 4
+    cfg2 = tiny_cfg(
+        tmp_path / "b",
+        tiny_data_dir,
+        [
+            "callbacks.compute_accounting.peak_flops=1e12",
+            f"callbacks.compute_accounting.max_flops={budget}",
+        ],
+    )
+    train(cfg2)
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    state = [v for k, v in ckpt["callbacks"].items() if "ComputeAccounting" in k][0]
+    assert state["cumulative_flops"] == pytest.approx(3 * 4 * per_sample)
+
+
+def test_last_checkpoint_holds_the_final_step_between_save_intervals(tmp_path, tiny_data_dir):
+    cfg = tiny_cfg(tmp_path, tiny_data_dir, ["trainer.max_steps=3"])  # saves every 2 steps
+    train(cfg)
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    )
+    assert (tmp_path / "checkpoints" / "step_00000002.ckpt").is_file()
