@@ -6,10 +6,6 @@ from collections.abc import Callable
 
 import torch
 
-# model_fn(z, timestep, stage, cond_index) -> velocity; cond_index selects which conditioning
-# (0 = unconditional/negative prompt, 1 = prompt) the batch rows use.
-GuidedModelFn = Callable[[torch.Tensor, torch.Tensor, int, bool], torch.Tensor]
-
 
 def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """v = v_u + w (v_c - v_u); w = 1 returns v_c, w = 0 returns v_u."""

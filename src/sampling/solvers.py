@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def euler_step(z: torch.Tensor, v: torch.Tensor, r: float, r_next: float) -> torch.Tensor:
