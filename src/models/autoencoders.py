@@ -20,6 +20,7 @@ Both hold only buffers (no parameters) and are linear, so they are differentiabl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
@@ -31,6 +32,7 @@ __all__ = [
     "PCAAutoencoder",
     "SpaceToDepthAutoencoder",
     "build_autoencoder",
+    "state_fingerprint",
     "depth_to_space",
     "space_to_depth",
 ]
@@ -105,6 +107,20 @@ def depth_to_space(latent: Tensor, spatial_factor: int, temporal_factor: int) ->
     x = x.reshape(b, c, t * f, h * s, w * s)  # (B, c, t f, H, W)
     first = x[:, :, :f].mean(dim=2, keepdim=True)  # (B, c, 1, H, W)
     return torch.cat([first, x[:, :, f:]], dim=2)  # (B, c, 1 + (t-1) f, H, W)
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 (hex, first 16 chars) of a module's state_dict: names, dtypes, shapes and bytes.
+
+    Identifies the exact weights and statistics a latent was produced with, so latent shards can
+    refuse an autoencoder that would decode them differently.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def _full_precision(device: torch.device):
@@ -187,13 +203,49 @@ class LatentAutoencoder(nn.Module, ABC):
                 f"t, h, w) for latent_channels={self.latent_channels}"
             )
 
+    # --------------------------------------------------------------------- raw latent space
     @abstractmethod
-    def encode(self, video: Tensor) -> Tensor:
-        """``(B, 3, T, H, W)`` in [-1, 1] -> ``(B, C, t, h, w)`` float32."""
+    def encode_raw(
+        self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``(B, 3, T, H, W)`` in [-1, 1] -> un-normalised latent ``(B, C, t, h, w)`` float32.
+
+        ``sample=True`` draws from a stochastic posterior (``generator`` seeds it); deterministic
+        autoencoders ignore both and return their (only) latent.
+        """
 
     @abstractmethod
+    def decode_raw(self, raw: Tensor) -> Tensor:
+        """Un-normalised latent ``(B, C, t, h, w)`` -> ``(B, 3, T, H, W)`` float32 in [-1, 1]."""
+
+    # --------------------------------------------------------- normalised (DiT) latent space
+    def normalize(self, raw: Tensor) -> Tensor:
+        """Raw latent -> the latent the DiT sees (identity unless a subclass has statistics)."""
+        return raw
+
+    def denormalize(self, latent: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`."""
+        return latent
+
+    def encode(
+        self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``(B, 3, T, H, W)`` in [-1, 1] -> normalised latent ``(B, C, t, h, w)`` float32."""
+        return self.normalize(self.encode_raw(video, sample=sample, generator=generator))
+
     def decode(self, latent: Tensor) -> Tensor:
-        """``(B, C, t, h, w)`` -> ``(B, 3, T, H, W)`` float32, clamped to [-1, 1]."""
+        """Normalised latent ``(B, C, t, h, w)`` -> ``(B, 3, T, H, W)`` float32 in [-1, 1]."""
+        return self.decode_raw(self.denormalize(latent))
+
+    def describe(self) -> dict:
+        """JSON-able identity for manifests: class, factors, channels, normalisation."""
+        return {
+            "class": type(self).__name__,
+            "spatial_factor": self.spatial_factor,
+            "temporal_factor": self.temporal_factor,
+            "latent_channels": self.latent_channels,
+            "fingerprint": state_fingerprint(self),
+        }
 
     def extra_repr(self) -> str:
         return (
@@ -226,11 +278,11 @@ class SpaceToDepthAutoencoder(LatentAutoencoder):
             )
         super().__init__(spatial_factor, temporal_factor, full)
 
-    def encode(self, video: Tensor) -> Tensor:
+    def encode_raw(self, video: Tensor, sample: bool = False, generator=None) -> Tensor:
         self._check_video(video)
         return space_to_depth(video.float(), self.spatial_factor, self.temporal_factor)
 
-    def decode(self, latent: Tensor) -> Tensor:
+    def decode_raw(self, latent: Tensor) -> Tensor:
         self._check_latent(latent)
         video = depth_to_space(latent.float(), self.spatial_factor, self.temporal_factor)
         return video.clamp(-1.0, 1.0)
@@ -384,7 +436,7 @@ class PCAAutoencoder(LatentAutoencoder):
         self.fitted.fill_(True)
         return self
 
-    def encode(self, video: Tensor) -> Tensor:
+    def encode_raw(self, video: Tensor, sample: bool = False, generator=None) -> Tensor:
         self._require_fitted()
         self._check_video(video)
         with _full_precision(video.device):
@@ -393,7 +445,7 @@ class PCAAutoencoder(LatentAutoencoder):
             z = torch.einsum("bdthw,kd->bkthw", x, self.components)  # (B, K, t, h, w)
             return z * self.scale
 
-    def decode(self, latent: Tensor) -> Tensor:
+    def decode_raw(self, latent: Tensor) -> Tensor:
         self._require_fitted()
         self._check_latent(latent)
         with _full_precision(latent.device):
