@@ -14,8 +14,9 @@ CKPT ?= logs/train/runs/$(RUN)/checkpoints/last.ckpt
 PROMPTS ?= configs/prompts/digits_canonical.txt
 OUT ?= logs/train/runs/$(RUN)/videos
 ARGS ?=
+VAE_CKPT ?= checkpoints/vae_digits.safetensors
 
-.PHONY: help install data train smoke sample bench test test-slow test-gpu test-full lint format clean clean-logs
+.PHONY: help install data vae latents train smoke sample bench test test-slow test-gpu test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,7 +33,14 @@ install: $(STAMP) ## create .venv and install the pinned requirements
 data: $(STAMP) ## render the moving-digits dataset to webdataset shards (if missing)
 	@[ -f data/shards/digits/train/manifest.json ] || $(BIN)/python scripts/make_shards.py digits --out data/shards/digits
 
-train: data ## train the CPU digits demo end to end, then sample the canonical prompts
+vae: data ## train the digits causal VAE (about 10 min) unless $(VAE_CKPT) exists
+	@[ -f $(VAE_CKPT) ] || $(BIN)/python src/train.py experiment=vae_digits model.export.path=$(VAE_CKPT)
+	@echo "VAE export:   $(VAE_CKPT) (weights + latent statistics)"
+
+latents: vae ## pre-extract VAE latents + text features of the digits shards (data=digits_latents)
+	$(BIN)/python src/extract.py autoencoder=causal_vae_digits autoencoder.checkpoint=$(VAE_CKPT) $(ARGS)
+
+train: data vae ## train the CPU digits demo end to end, then sample the canonical prompts
 	$(BIN)/python src/train.py run_name=$(RUN) ckpt_path=last $(ARGS)
 	$(BIN)/python src/sample.py ckpt_path=$(CKPT) prompts_file=$(PROMPTS) out_dir=$(OUT) run_name=$(RUN)
 	@echo "Checkpoint:   $(CKPT)"

@@ -5,7 +5,9 @@ Prints one table and writes it to docs/benchmarks.md (with the machine and torch
 - sampling: seconds per video, stages_3 with [n, n, n] steps vs stages_1 with 3n steps;
 - predicted ratios from analytic FLOPs (src/utils/flops.py) next to every measured ratio;
 - bf16-mixed vs fp32 training step on this CPU;
-- corrective block-noise sampling: vectorised closed form vs a per-block loop.
+- corrective block-noise sampling: vectorised closed form vs a per-block loop;
+- the digits causal VAE: encode/decode videos/s on this CPU, and the training step with
+  on-the-fly VAE encoding vs pre-extracted latents (src/extract.py), same DiT and batch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from src.flow.schedules import build_stage_schedule, sample_ratios
 from src.models.dit import PyramidDiT
 from src.models.pyramid_module import packed_pyramid_loss
 from src.models.registry import DIT_PRESETS
+from src.models.vae.causal_vae import CausalVideoAutoencoder
 from src.sampling.pyramid_sampler import PyramidSampler
 from src.utils.flops import dit_forward_flops, pyramid_tokens_per_stage
 
@@ -138,6 +141,58 @@ def block_noise_loop(shape, gamma: float) -> torch.Tensor:
     return out
 
 
+def vae_rows(args, pyr: Setup) -> list[tuple[str, ...]]:
+    """VAE throughput and the pre-extracted-latents speed-up (weights do not affect speed)."""
+    import yaml
+
+    arch = yaml.safe_load(Path("configs/vae/causal_vae_digits.yaml").read_text())
+    torch.manual_seed(0)
+    ae = CausalVideoAutoencoder(vae=arch)
+    b = args.batch
+    _, t, h, w = ae.video_shape(*args.latent[1:])
+    video = torch.rand(b, 3, t, h, w) * 2 - 1
+    enc = timeit(lambda: ae.encode(video, sample=True), args.repeats, 1)
+    lat = ae.encode(video)
+    dec = timeit(lambda: ae.decode(lat), args.repeats, 1)
+    c = ae.latent_channels
+    setup = Setup(argparse.Namespace(**{**vars(args), "latent": [c, *args.latent[1:]]}), 3)
+
+    def on_the_fly() -> None:
+        setup.lat = ae.encode(video, sample=True)
+        setup.train_step(torch.bfloat16)
+
+    def pre_extracted() -> None:
+        setup.lat = ae.normalize(lat)
+        setup.train_step(torch.bfloat16)
+
+    fly = timeit(on_the_fly, args.repeats)
+    pre = timeit(pre_extracted, args.repeats)
+    clip = f"{t}x{h}x{w}"
+    return [
+        (
+            f"digits VAE encode, videos/s ({clip}, batch {b}, fp32)",
+            "-",
+            f"{b / enc:.1f}",
+            "-",
+            "-",
+        ),
+        (
+            f"digits VAE decode, videos/s ({clip}, batch {b}, fp32)",
+            "-",
+            f"{b / dec:.1f}",
+            "-",
+            "-",
+        ),
+        (
+            f"K=3 training step s, batch {b}: on-the-fly VAE encoding vs pre-extracted latents",
+            f"{fly:.3f}",
+            f"{pre:.3f}",
+            f"{fly / pre:.2f}x faster",
+            "-",
+        ),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="dit_s")
@@ -216,6 +271,8 @@ def main() -> None:
             "-",
         )
     )
+
+    rows += vae_rows(args, pyr)
 
     header = (
         "| measurement | K=1 (flat) / baseline | K=3 (pyramid) / ours | measured "

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from src.models.autoencoders import build_autoencoder
 from src.models.checkpoint import load_module
 from src.sample import read_prompts, sample
 from src.train import train
-from tests.conftest import tiny_cfg
+from tests.conftest import compose_train, tiny_cfg
 
 
 def test_tiny_training_writes_checkpoint_and_finite_losses(cfg_train):
@@ -158,3 +160,61 @@ def test_last_checkpoint_holds_the_final_step_between_save_intervals(tmp_path, t
         torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     )
     assert (tmp_path / "checkpoints" / "step_00000002.ckpt").is_file()
+
+
+def test_vae_task_trains_exports_and_feeds_the_dit(tmp_path, tiny_data_dir):
+    """experiment=vae_digits on tiny data: trains, logs PSNR/SSIM, exports weights + latent
+    statistics; the DiT then trains on that VAE's latents and decodes samples through it."""
+    export = tmp_path / "vae.safetensors"
+    vae_overrides = [
+        "experiment=vae_digits",
+        "data=digits_video",
+        "video.num_frames=9",
+        "video.height=32",
+        "video.width=32",
+        "model.vae.base_channels=8",
+        "model.vae.norm_groups=4",
+        "model.crop.frames=5",
+        "model.crop.size=16",
+        f"model.export.path={export}",
+        "model.export.stats_batches=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.batches_per_epoch=3",
+        "data.val_batches=1",
+        "data.num_train=16",
+        "data.num_val=8",
+        "data.samples_per_shard=8",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "callbacks=none",
+        "extras.print_config=false",
+    ]
+    cfg = compose_train([f"paths.data_dir={tiny_data_dir}", *vae_overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "vae")
+    HydraConfig().set_config(cfg)
+    metrics = train(cfg)
+    assert {"val/psnr", "val/ssim", "train/kl"} <= set(metrics)
+    assert export.is_file()
+    assert list((tmp_path / "vae" / "reconstructions").glob("*.png"))
+
+    dit = tiny_cfg(
+        tmp_path / "dit",
+        tiny_data_dir,
+        [
+            "autoencoder=causal_vae_digits",
+            "~autoencoder.fit_samples",  # the tiny experiment's PCA setting
+            f"autoencoder.checkpoint={export}",
+            "autoencoder.vae.base_channels=8",
+            "autoencoder.vae.norm_groups=4",
+        ],
+    )
+    metrics = train(dit)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    module = load_module(Path(dit.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert (
+        module.autoencoder.fingerprint
+        == build_autoencoder(**dict(module.hparams.autoencoder)).fingerprint
+    )
+    assert module.generate(["a red digit 3 moving right"], seed=0).shape == (1, 3, 9, 32, 32)

@@ -33,7 +33,7 @@ def training_flops_per_sample(module: L.LightningModule) -> tuple[float, list[in
     net = hp.net
     tokens = pyramid_tokens_per_stage(t, h, w, net["patch_size"], module.schedule.num_stages)
     cols = stage_columns(hp.pyramid["stage_sample_ratios"])
-    text_len = module.text_encoder.max_length
+    text_len = module.hparams.text_encoder["max_length"]
     fwd = [
         dit_forward_flops([tokens[s]], text_len, in_features=c * net["patch_size"] ** 2, **net)
         for s in cols

@@ -11,6 +11,11 @@ seeded from ``(seed, rank, worker, epoch)`` so every run is reproducible; valida
 their shards once, in order. A bad sample or shard is skipped with a warning and counted in
 ``ClipDecoder.skipped`` (per process: each DataLoader worker keeps its own copy), never fatal;
 only a stream that yields nothing but bad samples for a long time raises.
+
+Nothing read from a shard is ever unpickled: members are raw bytes decoded explicitly here (no
+webdataset default decoders), and a member with a pickle-capable extension (``.pth``, ``.pt``,
+``.pyd``, ``.pickle``, ``.pkl``, ``.ckpt``) makes its sample refused and counted as
+``unsafe_member`` (:func:`refuse_members`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +37,9 @@ from src.data.video_io import read_mp4
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 1000
+# extensions whose usual readers (torch.load, pickle, numpy object arrays) can run code
+PICKLE_SUFFIXES = frozenset({"pth", "pt", "pyd", "pickle", "pkl", "ckpt"})
+VIDEO_MEMBERS = ("mp4", "txt", "json")
 
 
 class BadSample(Exception):
@@ -40,6 +48,30 @@ class BadSample(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+def refuse_members(sample: dict, allowed: Collection[str] | None = None) -> None:
+    """Raise :class:`BadSample` for a pickle-capable member, or one outside ``allowed``.
+
+    ``allowed=None`` accepts every other member (they are ignored, never decoded). The message
+    is one line naming the shard, the sample key and the member.
+    """
+    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+    for ext in sample:
+        if ext.startswith("__"):
+            continue
+        unsafe = [p for p in ext.split(".") if p in PICKLE_SUFFIXES]
+        if unsafe:
+            reason, why = "unsafe_member", f"pickle-capable .{unsafe[0]} is never loaded"
+        elif allowed is not None and ext not in allowed:
+            reason, why = "unexpected_member", "not a member of this shard format"
+        else:
+            continue
+        expected = ", ".join(f".{m}" for m in (allowed or VIDEO_MEMBERS))
+        raise BadSample(
+            reason,
+            f"shard {url}: sample {key}: refused member {key}.{ext} ({why}; expected {expected})",
+        )
 
 
 def _stream_rng(seed: int, stage: int, epoch: int) -> random.Random:
@@ -77,22 +109,16 @@ def collate_clips(samples: Sequence[dict]) -> dict:
     }
 
 
-class ClipDecoder:
-    """Decode shard samples into fixed-size clips, skipping and counting bad ones.
+class SampleDecoder:
+    """Pipeline stage that decodes raw shard samples, skipping and counting bad ones.
 
-    Args:
-        num_frames: frames per clip; longer videos are cropped in time (random start when
-            ``train``, start 0 otherwise), shorter ones are skipped.
-        height: clip height in pixels.
-        width: clip width in pixels.
-        train: random temporal crops (True) or deterministic ones (False).
-        seed: base seed of the temporal-crop RNG.
+    Subclasses implement :meth:`decode` (raise :class:`BadSample` to skip). ``skipped`` counts
+    per reason in this process; each epoch (``__call__``) gets its own seeded RNG.
     """
 
-    def __init__(self, num_frames: int, height: int, width: int, train: bool, seed: int = 0):
-        self.num_frames = num_frames
-        self.height = height
-        self.width = width
+    regenerate_hint = "regenerate them with scripts/make_shards.py"
+
+    def __init__(self, train: bool, seed: int = 0):
         self.train = train
         self.seed = seed
         self.skipped: Counter[str] = Counter()
@@ -107,7 +133,7 @@ class ClipDecoder:
             raise RuntimeError(
                 f"{self._consecutive} bad samples in a row and none usable "
                 f"(skipped so far: {dict(self.skipped)}); the shards look corrupt: "
-                "regenerate them with scripts/make_shards.py"
+                f"{self.regenerate_hint}"
             )
 
     def shard_error(self, exn: Exception) -> bool:
@@ -116,8 +142,45 @@ class ClipDecoder:
         return True
 
     def decode(self, sample: dict, rng: random.Random | None = None) -> dict:
+        """One raw sample (bytes per member) -> a decoded sample; BadSample to skip it."""
+        raise NotImplementedError
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        """Pipeline stage: decode every sample, skipping (and counting) bad ones."""
+        self._epoch += 1
+        rng = _stream_rng(self.seed, 1, self._epoch)
+        for sample in samples:
+            try:
+                out = self.decode(sample, rng)
+            except BadSample as exn:
+                self._skip(exn.reason, sample.get("__key__", "?"), str(exn))
+                continue
+            self._consecutive = 0
+            yield out
+
+
+class ClipDecoder(SampleDecoder):
+    """Decode shard samples into fixed-size clips, skipping and counting bad ones.
+
+    Args:
+        num_frames: frames per clip; longer videos are cropped in time (random start when
+            ``train``, start 0 otherwise), shorter ones are skipped.
+        height: clip height in pixels.
+        width: clip width in pixels.
+        train: random temporal crops (True) or deterministic ones (False).
+        seed: base seed of the temporal-crop RNG.
+    """
+
+    def __init__(self, num_frames: int, height: int, width: int, train: bool, seed: int = 0):
+        super().__init__(train, seed)
+        self.num_frames = num_frames
+        self.height = height
+        self.width = width
+
+    def decode(self, sample: dict, rng: random.Random | None = None) -> dict:
         """One raw sample (bytes per member) -> ``{"video", "caption", "meta"}``."""
         key = sample.get("__key__", "?")
+        refuse_members(sample)  # other unknown members are ignored, never decoded
         if "mp4" not in sample:
             raise BadSample("missing_video", "no .mp4 member")
         text = sample.get("txt")
@@ -149,19 +212,6 @@ class ClipDecoder:
         meta["frame_start"] = start
         return {"video": video, "caption": caption, "meta": meta}
 
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        """Pipeline stage: decode every sample, skipping (and counting) bad ones."""
-        self._epoch += 1
-        rng = _stream_rng(self.seed, 1, self._epoch)
-        for sample in samples:
-            try:
-                clip = self.decode(sample, rng)
-            except BadSample as exn:
-                self._skip(exn.reason, sample.get("__key__", "?"), str(exn))
-                continue
-            self._consecutive = 0
-            yield clip
-
 
 class EpochShuffle:
     """Sample shuffle buffer whose RNG is seeded per (seed, rank, worker, epoch)."""
@@ -180,13 +230,23 @@ class EpochShuffle:
         yield from wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(iter(samples))
 
 
+Batcher = Callable[[Iterable[dict]], Iterator[dict]]
+
+
+def _batcher(batch_size: int, batcher: Batcher | None) -> Batcher:
+    if batcher is not None:
+        return batcher
+    return wds.batched(batch_size, collation_fn=collate_clips, partial=False)
+
+
 def train_pipeline(
     urls: Sequence[str],
-    decoder: ClipDecoder,
+    decoder: SampleDecoder,
     batch_size: int,
     shuffle_buffer: int,
     seed: int,
     first_epoch: int = 0,
+    batcher: Batcher | None = None,
 ) -> wds.DataPipeline:
     """Infinite, resampled training stream of batches (batched inside the workers).
 
@@ -194,7 +254,8 @@ def train_pipeline(
     shardshuffle=False, empty_check=False)`` except that the shard sampler is seeded
     (WebDataset seeds it from the pid and the clock, so runs would not be reproducible). Each
     iteration (epoch) draws new shards, shuffles and crops; ``first_epoch`` lets a resumed run
-    continue the sequence instead of replaying epoch 0.
+    continue the sequence instead of replaying epoch 0. ``batcher`` replaces the default
+    stage (full ``batch_size`` batches of :func:`collate_clips`), e.g. to bucket by shape.
     """
     shards = wds.ResampledShards(list(urls), seed=seed, deterministic=True, empty_check=False)
     shuffle = EpochShuffle(shuffle_buffer, seed)
@@ -206,23 +267,23 @@ def train_pipeline(
         wds.tarfile_to_samples(handler=decoder.shard_error),
         shuffle,
         decoder,
-        wds.batched(batch_size, collation_fn=collate_clips, partial=False),
+        _batcher(batch_size, batcher),
     )
 
 
 def val_pipeline(
     urls: Sequence[str],
-    decoder: ClipDecoder,
+    decoder: SampleDecoder,
     batch_size: int | None,
     split_by_node: bool = True,
+    batcher: Batcher | None = None,
 ) -> wds.DataPipeline:
     """Finite validation stream: each shard once, in order, full batches only.
 
-    ``batch_size=None`` yields single clips; ``split_by_node=False`` reads every shard.
+    ``batch_size=None`` yields single samples; ``split_by_node=False`` reads every shard;
+    ``batcher`` replaces the default batching stage as in :func:`train_pipeline`.
     """
-    batcher = None
-    if batch_size is not None:
-        batcher = wds.batched(batch_size, collation_fn=collate_clips, partial=False)
+    batcher = None if batch_size is None else _batcher(batch_size, batcher)
     return wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         wds.split_by_node if split_by_node else None,

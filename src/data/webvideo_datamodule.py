@@ -6,7 +6,8 @@ Training is a resampled, infinite stream cut into epochs of exactly ``batches_pe
 batches on every rank (``WebLoader(...).with_epoch``), so no ``len()`` and no
 DistributedSampler are involved. Validation reads its shards in order, split by rank, and
 yields exactly ``val_batches`` batches per rank (repeating its shards when there are fewer).
-Batches follow the contract in ``src/data/pipeline.py``.
+Batches follow the contract in ``src/data/pipeline.py``. :class:`ShardStreamDataModule` holds
+the streaming logic shared with the latent shards' ``LatentDataModule``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,137 @@ from pathlib import Path
 import webdataset as wds
 from lightning import LightningDataModule
 
-from src.data.pipeline import ClipDecoder, collate_clips, train_pipeline, val_pipeline
+from src.data.pipeline import (
+    Batcher,
+    ClipDecoder,
+    SampleDecoder,
+    collate_clips,
+    train_pipeline,
+    val_pipeline,
+)
 from src.data.shards import read_manifest, shard_files, write_digits_shards
 
 
-class WebVideoDataModule(LightningDataModule):
+class ShardStreamDataModule(LightningDataModule):
+    """Streams of webdataset shards in ``<data_dir>/{train,val}``: the parts every format shares.
+
+    Subclasses set ``data_dir``, ``train_decoder`` and ``val_decoder`` (:class:`SampleDecoder`),
+    implement :meth:`_urls` and keep ``batch_size``, ``num_workers``, ``shuffle_buffer``,
+    ``batches_per_epoch``, ``val_batches`` and ``seed`` in their hparams. They may override
+    :meth:`collate` and :meth:`batcher` (how samples become batches).
+    """
+
+    data_dir: Path
+    train_decoder: SampleDecoder | None = None
+    val_decoder: SampleDecoder | None = None
+
+    def __init__(self):
+        super().__init__()
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Samples skipped in this process so far, by split and reason."""
+        return {
+            split: dict(decoder.skipped) if decoder is not None else {}
+            for split, decoder in (("train", self.train_decoder), ("val", self.val_decoder))
+        }
+
+    def collate(self, samples: list[dict]) -> dict:
+        """Decoded samples -> one batch (used by :meth:`fixed_val_batch`)."""
+        return collate_clips(samples)
+
+    def batcher(self, batch_size: int) -> Batcher | None:
+        """The pipeline's batching stage; ``None``: full batches of :meth:`collate`."""
+        return None
+
+    def _urls(self, split: str) -> list[str]:
+        raise NotImplementedError
+
+    def _world_size(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.world_size
+        return int(os.environ.get("WORLD_SIZE", 1))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find the shard URLs; fail fast, in one line, when a needed split has none."""
+        if stage in (None, "fit"):
+            self.train_urls = self._urls("train")
+        self.val_urls = self._urls("val")
+        self._check_val_per_rank(self._world_size())
+
+    def _check_val_per_rank(self, world: int) -> None:
+        """Every rank must get at least one full val batch, or DDP validation would hang."""
+        if len(self.val_urls) < world:
+            raise ValueError(
+                f"data.data_dir={str(self.data_dir)!r}: {len(self.val_urls)} val shards for "
+                f"{world} ranks; write at least one val shard per rank (lower "
+                "data.samples_per_shard and regenerate)"
+            )
+        manifest = read_manifest(self.data_dir / "val") or {}
+        counts = {s["file"]: s["num_samples"] for s in manifest.get("shards", [])}
+        names = [Path(u).name for u in self.val_urls]
+        if not counts or set(names) != set(counts):
+            return  # no manifest (hand-made shards): nothing to check against
+        per_rank = min(sum(counts[n] for n in names[r::world]) for r in range(world))
+        if per_rank < self.hparams.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.hparams.batch_size} but a rank only gets {per_rank} "
+                f"val samples from {self.data_dir / 'val'}; lower data.batch_size or write "
+                "more val samples"
+            )
+
+    def _loader(self, dataset, num_workers: int, num_batches: int) -> wds.WebLoader:
+        loader = wds.WebLoader(
+            dataset,
+            batch_size=None,  # batches are formed inside the workers
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,  # workers keep their epoch counters
+        )
+        return loader.with_epoch(num_batches)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        hp = self.hparams
+        if not self.train_urls:
+            self.setup("fit")
+        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        dataset = train_pipeline(
+            self.train_urls,
+            self.train_decoder,
+            hp.batch_size,
+            hp.shuffle_buffer,
+            hp.seed,
+            first_epoch=first_epoch,  # a resumed run continues the stream, not replays it
+            batcher=self.batcher(hp.batch_size),
+        )
+        return self._loader(dataset, hp.num_workers, hp.batches_per_epoch)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        hp = self.hparams
+        if not self.val_urls:
+            self.setup("validate")
+        dataset = val_pipeline(
+            self.val_urls, self.val_decoder, hp.batch_size, batcher=self.batcher(hp.batch_size)
+        )
+        per_rank = -(-len(self.val_urls) // self._world_size())
+        return self._loader(dataset, min(hp.num_workers, per_rank), hp.val_batches)
+
+    def fixed_val_batch(self, n: int) -> dict:
+        """The first ``n`` validation samples (all val shards, in order) as one batch."""
+        if not self.val_urls:
+            self.setup("validate")
+        dataset = val_pipeline(self.val_urls, self.val_decoder, None, split_by_node=False)
+        samples = list(islice(iter(dataset), n))
+        if len(samples) < n:
+            raise ValueError(
+                f"fixed_val_batch({n}): data.data_dir={str(self.data_dir)!r} has only "
+                f"{len(samples)} usable val samples; ask for fewer"
+            )
+        return self.collate(samples)
+
+
+class WebVideoDataModule(ShardStreamDataModule):
     """Webdataset video clips for text-to-video training.
 
     Args:
@@ -64,15 +191,8 @@ class WebVideoDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir)
-        self.train_urls: list[str] = []
-        self.val_urls: list[str] = []
         self.train_decoder = ClipDecoder(num_frames, height, width, train=True, seed=seed)
         self.val_decoder = ClipDecoder(num_frames, height, width, train=False, seed=seed)
-
-    @property
-    def skipped(self) -> dict[str, dict[str, int]]:
-        """Samples skipped in this process so far, by split and reason."""
-        return {"train": dict(self.train_decoder.skipped), "val": dict(self.val_decoder.skipped)}
 
     def prepare_data(self) -> None:
         """Render the moving-digits shards into every split folder that has none."""
@@ -106,81 +226,3 @@ class WebVideoDataModule(LightningDataModule):
                 f"{self.data_dir} hold {frames}-frame videos; lower data.num_frames"
             )
         return [str(f) for f in files]
-
-    def _world_size(self) -> int:
-        if self.trainer is not None:
-            return self.trainer.world_size
-        return int(os.environ.get("WORLD_SIZE", 1))
-
-    def setup(self, stage: str | None = None) -> None:
-        """Find the shard URLs; fail fast, in one line, when a needed split has none."""
-        if stage in (None, "fit"):
-            self.train_urls = self._urls("train")
-        self.val_urls = self._urls("val")
-        self._check_val_per_rank(self._world_size())
-
-    def _check_val_per_rank(self, world: int) -> None:
-        """Every rank must get at least one full val batch, or DDP validation would hang."""
-        if len(self.val_urls) < world:
-            raise ValueError(
-                f"data.data_dir={str(self.data_dir)!r}: {len(self.val_urls)} val shards for "
-                f"{world} ranks; write at least one val shard per rank (lower "
-                "data.samples_per_shard and regenerate)"
-            )
-        manifest = read_manifest(self.data_dir / "val") or {}
-        counts = {s["file"]: s["num_samples"] for s in manifest.get("shards", [])}
-        names = [Path(u).name for u in self.val_urls]
-        if not counts or set(names) != set(counts):
-            return  # no manifest (hand-made shards): nothing to check against
-        per_rank = min(sum(counts[n] for n in names[r::world]) for r in range(world))
-        if per_rank < self.hparams.batch_size:
-            raise ValueError(
-                f"data.batch_size={self.hparams.batch_size} but a rank only gets {per_rank} "
-                f"val clips from {self.data_dir / 'val'}; lower data.batch_size or write more "
-                "val samples"
-            )
-
-    def _loader(self, dataset, num_workers: int, num_batches: int) -> wds.WebLoader:
-        loader = wds.WebLoader(
-            dataset,
-            batch_size=None,  # batches are formed inside the workers
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,  # workers keep their epoch counters
-        )
-        return loader.with_epoch(num_batches)
-
-    def train_dataloader(self) -> wds.WebLoader:
-        hp = self.hparams
-        if not self.train_urls:
-            self.setup("fit")
-        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset = train_pipeline(
-            self.train_urls,
-            self.train_decoder,
-            hp.batch_size,
-            hp.shuffle_buffer,
-            hp.seed,
-            first_epoch=first_epoch,  # a resumed run continues the stream, not replays it
-        )
-        return self._loader(dataset, hp.num_workers, hp.batches_per_epoch)
-
-    def val_dataloader(self) -> wds.WebLoader:
-        hp = self.hparams
-        if not self.val_urls:
-            self.setup("validate")
-        dataset = val_pipeline(self.val_urls, self.val_decoder, hp.batch_size)
-        per_rank = -(-len(self.val_urls) // self._world_size())
-        return self._loader(dataset, min(hp.num_workers, per_rank), hp.val_batches)
-
-    def fixed_val_batch(self, n: int) -> dict:
-        """The first ``n`` validation clips (all val shards, in order) as one batch."""
-        if not self.val_urls:
-            self.setup("validate")
-        dataset = val_pipeline(self.val_urls, self.val_decoder, None, split_by_node=False)
-        samples = list(islice(iter(dataset), n))
-        if len(samples) < n:
-            raise ValueError(
-                f"fixed_val_batch({n}): data.data_dir={str(self.data_dir)!r} has only "
-                f"{len(samples)} usable val clips; ask for fewer"
-            )
-        return collate_clips(samples)

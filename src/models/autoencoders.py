@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
@@ -456,24 +457,36 @@ class PCAAutoencoder(LatentAutoencoder):
             return video.clamp(-1.0, 1.0)  # (B, 3, T, H, W)
 
 
-AUTOENCODERS: dict[str, type[LatentAutoencoder]] = {
+# name -> class, or "module:Class" imported on first use (keeps heavy imports such as
+# diffusers out of the default path).
+AUTOENCODERS: dict[str, type[LatentAutoencoder] | str] = {
     "space_to_depth": SpaceToDepthAutoencoder,
     "pca": PCAAutoencoder,
+    "causal_vae": "src.models.vae.causal_vae:CausalVideoAutoencoder",
+    "diffusers": "src.models.diffusers_vae:DiffusersVideoAutoencoder",
 }
+
+
+def _resolve(entry: type[LatentAutoencoder] | str) -> type[LatentAutoencoder]:
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return entry
 
 
 def build_autoencoder(name: str, **kwargs) -> LatentAutoencoder:
     """Build an autoencoder from a config node such as ``configs/autoencoder/pca.yaml``.
 
     Args:
-        name: one of ``AUTOENCODERS`` (``"space_to_depth"``, ``"pca"``).
+        name: one of ``AUTOENCODERS`` (``"space_to_depth"``, ``"pca"``, ``"causal_vae"``,
+            ``"diffusers"``).
         **kwargs: constructor arguments of that class.
     """
     if name not in AUTOENCODERS:
         raise ValueError(
             f"autoencoder.name={name!r} is unknown: choose one of {sorted(AUTOENCODERS)}"
         )
-    cls = AUTOENCODERS[name]
+    cls = _resolve(AUTOENCODERS[name])
     try:
         return cls(**kwargs)
     except TypeError as err:

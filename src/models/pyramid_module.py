@@ -17,7 +17,7 @@ from src.flow.pyramid import PyramidPath, column_plan, per_sample_mse
 from src.flow.schedules import build_stage_schedule, sample_ratios
 from src.models.autoencoders import build_autoencoder
 from src.models.dit import PyramidDiT
-from src.models.text_encoders import TextFeatures, build_text_encoder
+from src.models.text_encoders import TextEncoder, TextFeatures, build_text_encoder
 from src.sampling.guidance import guided_velocity
 from src.sampling.pyramid_sampler import PyramidSampler
 
@@ -57,6 +57,12 @@ def packed_pyramid_loss(
     return losses, per_stage
 
 
+def latent_autoencoder_info(manifest: dict) -> dict:
+    """The ``describe()`` record of the autoencoder a latent shard set was extracted with."""
+    info = manifest.get("autoencoder") or {}
+    return info.get("describe", info) if isinstance(info, dict) else {}
+
+
 class PyramidFlowModule(L.LightningModule):
     def __init__(
         self,
@@ -69,13 +75,15 @@ class PyramidFlowModule(L.LightningModule):
         sampling: dict,
         cfg_dropout: float = 0.1,
         val_seed: int = 1234,
+        sample_posterior: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.net: PyramidDiT | None = None
         self.autoencoder = build_autoencoder(**autoencoder)
         self.autoencoder.requires_grad_(False)
-        self.text_encoder = build_text_encoder(**text_encoder)
+        self._text_encoder: TextEncoder | None = None  # built on first use (see text_encoder)
+        self._null_text: TextFeatures | None = None  # pre-extracted empty-prompt features
         self.schedule = build_stage_schedule(
             pyramid["stage_range"], pyramid["gamma"], corrective_noise=pyramid["corrective_noise"]
         )
@@ -90,6 +98,14 @@ class PyramidFlowModule(L.LightningModule):
         )
 
     # ----------------------------------------------------------------------------- building
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The frozen prompt encoder, loaded on first use: training on pre-extracted features
+        never loads it (a T5-XXL is 9 GB) unless prompts must be encoded (samples, eval)."""
+        if self._text_encoder is None:
+            self._text_encoder = build_text_encoder(**self.hparams.text_encoder)
+        return self._text_encoder
+
     def configure_model(self) -> None:
         if self.net is not None:  # idempotent: Lightning may call it more than once
             return
@@ -102,6 +118,10 @@ class PyramidFlowModule(L.LightningModule):
         """
         if self.trainer.world_size > 1:  # distinct noise, ratios and dropout on every rank
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "manifest", None) is not None:
+            self._adopt_latent_dataset(dm)
+            return
         ae = self.autoencoder
         if not getattr(ae, "requires_fit", False) or ae.is_fitted:
             return
@@ -118,17 +138,69 @@ class PyramidFlowModule(L.LightningModule):
         for lg in self.loggers:
             lg.log_metrics({"autoencoder/explained_variance": ae.explained_variance_ratio}, step=0)
 
+    def _adopt_latent_dataset(self, dm) -> None:
+        """Pre-extracted latents: restore a fitted autoencoder's state from the shard set, check
+        that the latents were made by this autoencoder, and take the stored empty-prompt
+        features for guidance dropout."""
+        ae = self.autoencoder
+        state = getattr(dm, "autoencoder_state", None)
+        if getattr(ae, "requires_fit", False) and not ae.is_fitted:
+            if state is None:
+                raise ValueError(
+                    f"autoencoder.name={self.hparams.autoencoder['name']} must be fitted but the "
+                    "latent shards carry no autoencoder.safetensors; re-run src/extract.py"
+                )
+            ae.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        made_by = latent_autoencoder_info(dm.manifest)
+        mine = ae.describe()
+        if made_by and made_by.get("fingerprint") != mine["fingerprint"]:
+            raise ValueError(
+                f"the latent shards were extracted with autoencoder {made_by.get('class')} "
+                f"(fingerprint {made_by.get('fingerprint')}) but the configured autoencoder is "
+                f"{mine['class']} (fingerprint {mine['fingerprint']}); fix: use the same "
+                "autoencoder config/checkpoint or re-extract with src/extract.py"
+            )
+        self._null_text = getattr(dm, "null_text", None)
+
     # ----------------------------------------------------------------------------- encoding
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(video.float())
+        return self.autoencoder.encode(video.float(), sample=self.hparams.sample_posterior)
+
+    @torch.no_grad()
+    def batch_latents(self, batch: dict) -> torch.Tensor:
+        """Normalised latents of a batch of videos or of pre-extracted raw latents."""
+        if "latent" in batch:
+            return self.autoencoder.normalize(batch["latent"].float())
+        return self.encode_video(batch["video"])
+
+    def null_features(self, batch_size: int) -> TextFeatures:
+        """Empty-prompt features: stored with pre-extracted features, else encoded once."""
+        if self._null_text is not None:
+            n = self._null_text
+            return TextFeatures(
+                n.tokens.expand(batch_size, -1, -1),
+                n.mask.expand(batch_size, -1),
+                n.pooled.expand(batch_size, -1),
+            )
+        return self.text_encoder.empty_features(batch_size)
 
     def text_features(self, prompts: list[str], drop: torch.Tensor | None = None) -> TextFeatures:
         """Encode prompts; rows where `drop` is True get the cached empty-prompt features."""
-        feats = self.text_encoder.encode(prompts)
+        return self._drop(self.text_encoder.encode(prompts), drop)
+
+    def _drop(self, feats: TextFeatures, drop: torch.Tensor | None) -> TextFeatures:
         if drop is not None and bool(drop.any()):
-            feats = feats.where(~drop, self.text_encoder.empty_features(len(prompts)))
+            feats = feats.where(~drop, self.null_features(len(feats)))
         return feats.to(self.device)
+
+    def batch_text(self, batch: dict, drop: torch.Tensor | None = None) -> TextFeatures:
+        """Text features of a batch: pre-extracted (``batch["text"]``) or encoded captions."""
+        if batch.get("text") is not None:
+            t = batch["text"]
+            feats = TextFeatures(t["tokens"].float(), t["mask"].bool(), t["pooled"].float())
+            return self._drop(feats, drop)
+        return self.text_features(batch["caption"], drop)
 
     # ----------------------------------------------------------------------------- training
     def pyramid_loss(
@@ -147,10 +219,10 @@ class PyramidFlowModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.encode_video(batch["video"])
+        latents = self.batch_latents(batch)
         b = latents.shape[0]
         drop = torch.rand(b) < self.hparams.cfg_dropout
-        feats = self.text_features(batch["caption"], drop)
+        feats = self.batch_text(batch, drop)
         noise = torch.randn_like(latents)
         r = sample_ratios(b).to(self.device)
         losses, per_stage = self.pyramid_loss(latents, feats, noise, r)
@@ -162,12 +234,12 @@ class PyramidFlowModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Every stage on every held-out sample, with fixed noise and a fixed grid of ratios."""
-        latents = self.encode_video(batch["video"])
+        latents = self.batch_latents(batch)
         b = latents.shape[0]
         g = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         noise = torch.randn(latents.shape, generator=g).to(latents)
         r = ((torch.arange(b, dtype=torch.float64) + 0.5) / b).to(self.device)
-        feats = self.text_features(batch["caption"])
+        feats = self.batch_text(batch)
         stage_losses = []
         for stage in range(self.schedule.num_stages):
             s = self.path.sample(latents, noise, stage, r)

@@ -25,6 +25,8 @@ def _latent_channels(ae: DictConfig) -> int | None:
 def config_problems(cfg: DictConfig) -> list[str]:
     """All rule violations of a composed train config (empty when it is valid)."""
     out: list[str] = []
+    if "net" not in cfg.model:  # another task (VAE training) with its own checks
+        return out + _vae_problems(cfg) + _ckpt_problems(cfg)
     p, v, ae, net = cfg.pyramid, cfg.video, cfg.autoencoder, cfg.model.net
     k = int(p.num_stages)
     if len(p.stage_range) != k + 1:
@@ -84,11 +86,51 @@ def config_problems(cfg: DictConfig) -> list[str]:
     backend = net.get("attn_backend", "sdpa")
     if backend not in ("sdpa", "sdpa_segments"):
         out.append(f"model.net.attn_backend={backend} is unknown; fix: sdpa or sdpa_segments")
+    ckpt_file = ae.get("checkpoint")
+    if ckpt_file not in (None, "???") and not Path(str(ckpt_file)).is_file():
+        out.append(
+            f"autoencoder.checkpoint={ckpt_file} does not exist; fix: `make vae` trains the "
+            "digits VAE, or point it at an exported .safetensors file"
+        )
+    return out + _ckpt_problems(cfg)
+
+
+def _ckpt_problems(cfg: DictConfig) -> list[str]:
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
-        out.append(
+        return [
             f"ckpt_path={ckpt} does not exist; fix: a path to a .ckpt file, 'last' to "
             "resume this run_name, or null"
+        ]
+    return []
+
+
+def _vae_problems(cfg: DictConfig) -> list[str]:
+    """VAE training: crops and clips must fit the VAE's causal factors."""
+    m = cfg.model
+    if "vae" not in m or "crop" not in m:
+        return []
+    ft = 2 ** sum(bool(t) for t in m.vae.temporal_down)
+    s = int(m.vae.patch_size) * 2 ** sum(bool(t) for t in m.vae.spatial_down)
+    out = []
+    if (int(m.crop.frames) - 1) % ft:
+        out.append(
+            f"model.crop.frames={m.crop.frames} must be k*{ft}+1 for this VAE; fix: "
+            f"model.crop.frames={1 + ft * max(1, (int(m.crop.frames) - 1) // ft)}"
+        )
+    if int(m.crop.size) % s:
+        out.append(
+            f"model.crop.size={m.crop.size} must be divisible by the VAE's spatial factor {s}"
+        )
+    for name in ("height", "width"):
+        if int(cfg.video[name]) < int(m.crop.size):
+            out.append(
+                f"model.crop.size={m.crop.size} exceeds video.{name}={cfg.video[name]}; fix: "
+                f"model.crop.size={int(cfg.video[name]) // s * s}"
+            )
+    if int(cfg.video.num_frames) < int(m.crop.frames):
+        out.append(
+            f"model.crop.frames={m.crop.frames} exceeds video.num_frames={cfg.video.num_frames}"
         )
     return out
 

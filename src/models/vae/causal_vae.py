@@ -1,0 +1,514 @@
+"""Causal 3-D video VAE (MAGVIT-v2-like continuous KL-VAE; spec section 6).
+
+* :class:`CausalVAE` -- the trainable network: encoder -> diagonal Gaussian posterior -> decoder.
+  Compression ``spatial_factor = patch_size * 2**sum(spatial_down)`` and
+  ``temporal_factor = 2**sum(temporal_down)``; videos have ``1 + k * temporal_factor`` frames and
+  the first frame is encoded alone, so an image is a one-frame video.
+* :class:`CausalVideoAutoencoder` -- the frozen :class:`LatentAutoencoder` the DiT uses: loads a
+  safetensors export (weights + latent normalisation), normalises latents per the spec (separate
+  shift/scale for the first latent frame and the rest) and optionally encodes/decodes in temporal
+  chunks and spatial tiles.
+* :func:`save_vae` / :func:`load_vae` -- the export format (safetensors, no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from src.models.autoencoders import LatentAutoencoder, state_fingerprint
+from src.models.vae.layers import (
+    CausalConv3d,
+    Downsample,
+    FrameAttention,
+    FrameGroupNorm,
+    ResBlock3d,
+    Upsample,
+    _groups,
+    pixel_shuffle_3d,
+    pixel_unshuffle_3d,
+    streaming,
+)
+
+__all__ = [
+    "CausalVAE",
+    "CausalVideoAutoencoder",
+    "DiagonalGaussian",
+    "load_vae",
+    "save_vae",
+    "tiled_map",
+]
+
+
+class DiagonalGaussian:
+    """Posterior ``N(mean, exp(logvar))`` over latents ``(B, C, t, h, w)``."""
+
+    def __init__(self, moments: Tensor) -> None:
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * eps
+
+    def kl(self) -> Tensor:
+        """KL to N(0, I), summed over latent elements, ``(B,)``."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return kl.flatten(1).sum(1)
+
+
+class _Encoder(nn.Module):
+    def __init__(
+        self,
+        latent_channels: int,
+        channels: Sequence[int],
+        num_res_blocks: int,
+        spatial_down: Sequence[bool],
+        temporal_down: Sequence[bool],
+        patch_size: int,
+        attention: bool,
+        groups: int,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.conv_in = CausalConv3d(3 * patch_size**2, channels[0], 3)
+        blocks, prev = [], channels[0]
+        for ch, sd, td in zip(channels, spatial_down, temporal_down):
+            layers: list[nn.Module] = []
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock3d(prev, ch, groups))
+                prev = ch
+            if sd or td:
+                layers.append(Downsample(ch, sd, td))
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        mid: list[nn.Module] = [ResBlock3d(prev, prev, groups)]
+        if attention:
+            mid.append(FrameAttention(prev, groups))
+        mid.append(ResBlock3d(prev, prev, groups))
+        self.mid = nn.Sequential(*mid)
+        self.norm_out = FrameGroupNorm(_groups(prev, groups), prev, eps=1e-6)
+        self.conv_out = CausalConv3d(prev, 2 * latent_channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(pixel_unshuffle_3d(x, self.patch_size))  # (B, C0, T, H/p, W/p)
+        for block in self.blocks:
+            x = block(x)
+        x = self.mid(x)  # (B, C_top, t, h, w)
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))  # (B, 2C_lat, t, h, w)
+
+
+class _Decoder(nn.Module):
+    def __init__(
+        self,
+        latent_channels: int,
+        channels: Sequence[int],
+        num_res_blocks: int,
+        spatial_down: Sequence[bool],
+        temporal_down: Sequence[bool],
+        patch_size: int,
+        attention: bool,
+        groups: int,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        top = channels[-1]
+        self.conv_in = CausalConv3d(latent_channels, top, 3)
+        mid: list[nn.Module] = [ResBlock3d(top, top, groups)]
+        if attention:
+            mid.append(FrameAttention(top, groups))
+        mid.append(ResBlock3d(top, top, groups))
+        self.mid = nn.Sequential(*mid)
+        blocks, prev = [], top
+        for ch, su, tu in reversed(list(zip(channels, spatial_down, temporal_down))):
+            layers: list[nn.Module] = []
+            if su or tu:
+                layers.append(Upsample(prev, su, tu))
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResBlock3d(prev, ch, groups))
+                prev = ch
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = FrameGroupNorm(_groups(prev, groups), prev, eps=1e-6)
+        self.conv_out = CausalConv3d(prev, 3 * patch_size**2, 3)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(z))  # (B, C_top, t, h, w)
+        for block in self.blocks:
+            x = block(x)
+        x = self.conv_out(torch.nn.functional.silu(self.norm_out(x)))  # (B, 3p^2, T, H/p, W/p)
+        return pixel_shuffle_3d(x, self.patch_size)  # (B, 3, T, H, W)
+
+
+class CausalVAE(nn.Module):
+    """Trainable causal video VAE.
+
+    Args:
+        latent_channels: channels of the latent (16 in the paper).
+        base_channels: channels of the first level.
+        channel_mult: per-level multipliers of ``base_channels`` (the paper: 1, 2, 4, 4).
+        num_res_blocks: ResNet blocks per encoder level (the decoder uses one more).
+        spatial_down: per level, whether it halves H and W.
+        temporal_down: per level, whether it halves time (causally).
+        patch_size: lossless per-frame pixel unshuffle before the first conv (1 = none); a
+            cheap way to make small CPU models.
+        attention: per-frame spatial self-attention in the mid blocks.
+        norm_groups: GroupNorm groups (reduced to a divisor of the channels when needed).
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        spatial_down: Sequence[bool] = (True, True, True, False),
+        temporal_down: Sequence[bool] = (True, True, True, False),
+        patch_size: int = 1,
+        attention: bool = True,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        levels = len(channel_mult)
+        for name, seq in (("spatial_down", spatial_down), ("temporal_down", temporal_down)):
+            if len(seq) != levels:
+                raise ValueError(
+                    f"vae.{name}={list(seq)} has {len(seq)} entries but channel_mult has "
+                    f"{levels}: give one flag per level"
+                )
+        channels = [base_channels * m for m in channel_mult]
+        args = (
+            latent_channels,
+            channels,
+            num_res_blocks,
+            list(spatial_down),
+            list(temporal_down),
+            patch_size,
+            attention,
+            norm_groups,
+        )
+        self.encoder = _Encoder(*args)
+        self.decoder = _Decoder(*args)
+        self.latent_channels = latent_channels
+        self.spatial_factor = patch_size * 2 ** sum(bool(s) for s in spatial_down)
+        self.temporal_factor = 2 ** sum(bool(t) for t in temporal_down)
+
+    def encode(self, video: Tensor) -> DiagonalGaussian:
+        """``(B, 3, 1 + k f_t, H, W)`` -> posterior over ``(B, C, 1 + k, H / s, W / s)``."""
+        return DiagonalGaussian(self.encoder(video))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``(B, C, t, h, w)`` -> ``(B, 3, 1 + (t - 1) f_t, h s, w s)`` (not clamped)."""
+        return self.decoder(z)
+
+    def forward(
+        self, video: Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        posterior = self.encode(video)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    # ----------------------------------------------------------------- long videos, low memory
+    def encode_moments_chunked(self, video: Tensor, chunk_frames: int) -> Tensor:
+        """Posterior moments of a long video, fed as frame 0 then chunks of ``chunk_frames``.
+
+        Causal caches carry the context between chunks, so the result equals
+        ``self.encoder(video)`` up to float rounding. ``chunk_frames`` must be a multiple of
+        the temporal factor.
+        """
+        if chunk_frames < 1 or chunk_frames % self.temporal_factor:
+            raise ValueError(
+                f"chunk_frames={chunk_frames} must be a positive multiple of the temporal "
+                f"factor {self.temporal_factor}"
+            )
+        pieces = [video[:, :, :1]] + list(video[:, :, 1:].split(chunk_frames, dim=2))
+        with streaming(self.encoder):
+            return torch.cat([self.encoder(p) for p in pieces], dim=2)
+
+    def decode_chunked(self, z: Tensor, chunk_latents: int = 1) -> Tensor:
+        """Decode ``chunk_latents`` latent frames at a time with cached causal context."""
+        if chunk_latents < 1:
+            raise ValueError(f"chunk_latents={chunk_latents} must be at least 1")
+        with streaming(self.decoder):
+            return torch.cat([self.decoder(p) for p in z.split(chunk_latents, dim=2)], dim=2)
+
+
+def _ramp(length: int, overlap_before: int, overlap_after: int) -> Tensor:
+    """1-D blending weights: linear ramps over the overlaps, 1 in between."""
+    w = torch.ones(length)
+    if overlap_before:
+        w[:overlap_before] = (torch.arange(overlap_before) + 1) / (overlap_before + 1)
+    if overlap_after:
+        w[length - overlap_after :] = torch.minimum(
+            w[length - overlap_after :],
+            (overlap_after - torch.arange(overlap_after)) / (overlap_after + 1),
+        )
+    return w
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def tiled_map(
+    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, scale: float
+) -> Tensor:
+    """Apply ``fn`` to overlapping spatial tiles of ``x`` (..., H, W) and blend the outputs.
+
+    ``fn`` maps a ``(..., th, tw)`` tile to ``(..., th * scale, tw * scale)``; ``tile`` and
+    ``overlap`` are in input cells and ``tile * scale`` and ``overlap * scale`` must be
+    integers. Overlaps are blended with linear ramps whose weights sum to one at every output
+    pixel, so for a position-independent local ``fn`` whose receptive field fits inside the
+    overlap the result equals ``fn(x)``.
+    """
+    height, width = x.shape[-2:]
+    if overlap >= tile:
+        raise ValueError(f"tile overlap {overlap} must be smaller than the tile {tile}")
+    stride = tile - overlap
+    out = weight = None
+    for y0 in _starts(height, tile, stride):
+        for x0 in _starts(width, tile, stride):
+            th, tw = min(tile, height - y0), min(tile, width - x0)
+            piece = fn(x[..., y0 : y0 + th, x0 : x0 + tw])
+            oy, ox, oh, ow = (round(v * scale) for v in (y0, x0, th, tw))
+            if out is None:
+                out_shape = (*piece.shape[:-2], round(height * scale), round(width * scale))
+                out = piece.new_zeros(out_shape)
+                weight = piece.new_zeros(out_shape[-2:])
+            # overlap with the previous/next tile along each axis (0 at the borders)
+            ov = round(overlap * scale)
+            wy = _ramp(oh, ov if y0 > 0 else 0, ov if y0 + th < height else 0)
+            wx = _ramp(ow, ov if x0 > 0 else 0, ov if x0 + tw < width else 0)
+            w2 = (wy[:, None] * wx[None, :]).to(piece)  # (oh, ow)
+            out[..., oy : oy + oh, ox : ox + ow] += piece * w2
+            weight[oy : oy + oh, ox : ox + ow] += w2
+    return out / weight
+
+
+# --------------------------------------------------------------------------- export format
+def save_vae(
+    path: str | os.PathLike,
+    vae: CausalVAE,
+    config: dict,
+    normalization: dict[str, Tensor] | None = None,
+    metadata: dict | None = None,
+) -> None:
+    """Write ``vae.*`` weights, optional ``norm.*`` statistics and the config to safetensors."""
+    tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    for k, v in (normalization or {}).items():
+        tensors[f"norm.{k}"] = v.detach().cpu().float().contiguous()
+    meta = {"config": json.dumps(config), "format": "pyramid-flow-causal-vae/1"}
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a kill while saving keeps the previous file
+
+
+def load_vae(path: str | os.PathLike) -> tuple[CausalVAE, dict, dict[str, Tensor], dict]:
+    """Read a :func:`save_vae` file: ``(vae, config, normalization, metadata)`` (no pickle)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(
+            f"{path} has no VAE config in its safetensors metadata: export it with "
+            "src.models.vae.causal_vae.save_vae (VAE training does this at the end of a run)"
+        )
+    config = json.loads(meta["config"])
+    tensors = load_file(str(path))
+    vae = CausalVAE(**config)
+    vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+    norm = {k[5:]: v for k, v in tensors.items() if k.startswith("norm.")}
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("config", "format")}
+    return vae, config, norm, extra
+
+
+NORM_KEYS = ("shift_first", "scale_first", "shift_rest", "scale_rest")
+
+
+class CausalVideoAutoencoder(LatentAutoencoder):
+    """Frozen :class:`CausalVAE` behind the :class:`LatentAutoencoder` interface.
+
+    Normalisation (spec 6.3): ``z = (raw - shift) * scale`` with one (shift, scale) for the first
+    latent frame (the image) and another for the later frames; per-channel vectors ``(C,)``
+    (the paper uses one number each, broadcast). The statistics are computed from data by
+    ``python -m src.models.vae.latent_stats`` and stored in the export file.
+
+    The network is *not* part of this module's ``state_dict()``: it comes from ``checkpoint``,
+    and the file's fingerprint is recorded instead, so DiT checkpoints do not carry a copy of a
+    1.3 GB VAE. ``.to(device)`` still moves it.
+
+    Args:
+        vae: architecture kwargs of :class:`CausalVAE` (a ``configs/vae`` preset); used when
+            ``checkpoint`` is None and checked against the checkpoint otherwise.
+        checkpoint: a :func:`save_vae` file. ``None`` builds a randomly initialised VAE (tests).
+        spatial_factor, temporal_factor, latent_channels: optional, written out in configs so
+            other nodes can interpolate them; checked against the architecture.
+        chunk_frames: encode in temporal chunks of this many frames (``None``: whole video).
+        chunk_latents: decode this many latent frames at a time (``None``: whole latent).
+        tile: spatial tile in pixels for encoding (decoding uses ``tile / spatial_factor``
+            latent cells); ``None`` disables tiling.
+        tile_overlap: fraction of the tile shared by neighbouring tiles.
+    """
+
+    def __init__(
+        self,
+        vae: dict | None = None,
+        checkpoint: str | None = None,
+        spatial_factor: int | None = None,
+        temporal_factor: int | None = None,
+        latent_channels: int | None = None,
+        chunk_frames: int | None = None,
+        chunk_latents: int | None = None,
+        tile: int | None = None,
+        tile_overlap: float = 0.25,
+    ) -> None:
+        norm: dict[str, Tensor] = {}
+        if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise FileNotFoundError(
+                    f"autoencoder.checkpoint={checkpoint} does not exist: train one with "
+                    "`make vae` (python src/train.py experiment=vae_digits) or point it at an "
+                    "exported .safetensors file"
+                )
+            net, arch, norm, _ = load_vae(checkpoint)
+            if vae is not None and {k: _plain(v) for k, v in vae.items()} != _plain(arch):
+                raise ValueError(
+                    f"autoencoder.vae={dict(vae)} differs from the architecture stored in "
+                    f"{checkpoint} ({arch}): use the matching configs/vae preset"
+                )
+        else:
+            if vae is None:
+                raise ValueError("autoencoder.vae (architecture) or autoencoder.checkpoint needed")
+            net = CausalVAE(**vae)
+        super().__init__(net.spatial_factor, net.temporal_factor, net.latent_channels)
+        for name, given, actual in (
+            ("spatial_factor", spatial_factor, net.spatial_factor),
+            ("temporal_factor", temporal_factor, net.temporal_factor),
+            ("latent_channels", latent_channels, net.latent_channels),
+        ):
+            if given is not None and given != actual:
+                raise ValueError(
+                    f"autoencoder.{name}={given} does not match the VAE ({actual}): set it to "
+                    f"{actual}"
+                )
+        net.requires_grad_(False).eval()
+        object.__setattr__(self, "_net", net)  # hidden from state_dict / parameters
+        c = net.latent_channels
+        defaults = {"shift_first": 0.0, "scale_first": 1.0, "shift_rest": 0.0, "scale_rest": 1.0}
+        for key in NORM_KEYS:
+            value = norm.get(key, torch.full((c,), defaults[key]))
+            self.register_buffer(key, value.float().expand(c).clone(), persistent=False)
+        self.checkpoint = checkpoint
+        self.fingerprint = state_fingerprint(net)
+        self.chunk_frames, self.chunk_latents = chunk_frames, chunk_latents
+        self.tile, self.tile_overlap = tile, tile_overlap
+
+    @property
+    def net(self) -> CausalVAE:
+        return self._net
+
+    def _apply(self, fn, recurse=True):
+        self._net._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._net.eval()  # frozen: always in eval mode
+        return self
+
+    def set_normalization(self, stats: dict[str, Tensor]) -> None:
+        for key in NORM_KEYS:
+            getattr(self, key).copy_(stats[key].float().expand(self.latent_channels))
+
+    # ----------------------------------------------------------------------------- interface
+    def normalize(self, raw: Tensor) -> Tensor:
+        first = (raw[:, :, :1] - _v(self.shift_first)) * _v(self.scale_first)
+        rest = (raw[:, :, 1:] - _v(self.shift_rest)) * _v(self.scale_rest)
+        return torch.cat([first, rest], dim=2)
+
+    def denormalize(self, latent: Tensor) -> Tensor:
+        first = latent[:, :, :1] / _v(self.scale_first) + _v(self.shift_first)
+        rest = latent[:, :, 1:] / _v(self.scale_rest) + _v(self.shift_rest)
+        return torch.cat([first, rest], dim=2)
+
+    def _moments(self, video: Tensor) -> Tensor:
+        if self.chunk_frames:
+            return self.net.encode_moments_chunked(video, self.chunk_frames)
+        return self.net.encoder(video)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        if self.chunk_latents:
+            return self.net.decode_chunked(z, self.chunk_latents)
+        return self.net.decode(z)
+
+    @torch.no_grad()
+    def encode_raw(
+        self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        self._check_video(video)
+        video = video.float()
+        s = self.spatial_factor
+        if self.tile and max(video.shape[-2:]) > self.tile:
+            tile = self.tile // s * s
+            overlap = max(int(tile * self.tile_overlap) // s * s, s)
+            moments = tiled_map(self._moments, video, tile, overlap, 1.0 / s)
+        else:
+            moments = self._moments(video)
+        posterior = DiagonalGaussian(moments)
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    @torch.no_grad()
+    def decode_raw(self, raw: Tensor) -> Tensor:
+        self._check_latent(raw)
+        raw = raw.float()
+        s = self.spatial_factor
+        if self.tile and max(raw.shape[-2:]) * s > self.tile:
+            tile = max(self.tile // s, 1)
+            overlap = max(int(tile * self.tile_overlap), 1)
+            video = tiled_map(self._decode, raw, tile, overlap, float(s))
+        else:
+            video = self._decode(raw)
+        return video.clamp(-1.0, 1.0)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(
+            fingerprint=self.fingerprint,
+            checkpoint=self.checkpoint,
+            normalization={k: getattr(self, k).tolist() for k in NORM_KEYS},
+        )
+        return info
+
+
+def _v(x: Tensor) -> Tensor:
+    return x.view(1, -1, 1, 1, 1)
+
+
+def _plain(value):
+    """Tuple- and OmegaConf-free form of a config value, for comparing architectures."""
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

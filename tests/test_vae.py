@@ -1,0 +1,175 @@
+"""Causal 3-D video VAE: causality, image/video consistency, chunking, tiling, export, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.models.autoencoders import build_autoencoder
+from src.models.vae.causal_vae import (
+    CausalVAE,
+    CausalVideoAutoencoder,
+    load_vae,
+    save_vae,
+    tiled_map,
+)
+from src.models.vae.latent_stats import latent_statistics
+from src.models.vae.layers import CausalConv3d, streaming
+
+TINY = dict(
+    latent_channels=4,
+    base_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    spatial_down=(True, False),
+    temporal_down=(True, True),
+    patch_size=2,
+    attention=True,
+    norm_groups=4,
+)
+
+
+@pytest.fixture(scope="module")
+def vae() -> CausalVAE:
+    torch.manual_seed(0)
+    return CausalVAE(**TINY).eval()
+
+
+def _video(frames=9, size=16, seed=1, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, size, size, generator=g) * 2 - 1
+
+
+def test_factors_and_shapes(vae):
+    assert (vae.spatial_factor, vae.temporal_factor) == (4, 4)
+    x = _video(frames=9, size=16)
+    post = vae.encode(x)
+    assert post.mean.shape == (2, 4, 3, 4, 4)  # 1 + 8/4 latent frames
+    assert vae.decode(post.mean).shape == x.shape
+    with torch.device("meta"):
+        paper = CausalVAE()  # the paper's shape without allocating 1.3 GB
+    assert (paper.spatial_factor, paper.temporal_factor, paper.latent_channels) == (8, 8, 16)
+    assert 300e6 < sum(p.numel() for p in paper.parameters()) < 360e6
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_causal_conv_never_reads_the_future(stride):
+    torch.manual_seed(0)
+    conv = CausalConv3d(3, 5, 3, (stride, 1, 1))
+    x = torch.randn(1, 3, 9, 6, 6)
+    k = 5
+    y = x.clone()
+    y[:, :, k:] += torch.randn_like(y[:, :, k:])
+    a, b = conv(x), conv(y)
+    first_affected = (k + stride - 1) // stride  # output j reads inputs up to stride * j
+    torch.testing.assert_close(a[:, :, :first_affected], b[:, :, :first_affected], rtol=0, atol=0)
+    assert (a[:, :, first_affected:] - b[:, :, first_affected:]).abs().max() > 1e-3
+
+
+def test_encoder_and_decoder_are_causal(vae):
+    x = _video(frames=17, size=16)
+    y = x.clone()
+    y[:, :, 9:] = -y[:, :, 9:]  # change frames 9.. (latent frames 3.. cover frames 9..)
+    a, b = vae.encoder(x), vae.encoder(y)
+    torch.testing.assert_close(a[:, :, :3], b[:, :, :3], rtol=0, atol=0)
+    assert (a[:, :, 3:] - b[:, :, 3:]).abs().max() > 1e-4
+    z = torch.randn(1, 4, 5, 4, 4)
+    z2 = z.clone()
+    z2[:, :, 3:] += 1.0
+    da, db = vae.decode(z), vae.decode(z2)
+    torch.testing.assert_close(da[:, :, :9], db[:, :, :9], rtol=0, atol=0)  # 1 + 2 * 4 frames
+    assert (da[:, :, 9:] - db[:, :, 9:]).abs().max() > 1e-4
+
+
+def test_image_is_a_one_frame_video(vae):
+    x = _video(frames=17, size=16)
+    full = vae.encoder(x)
+    image = vae.encoder(x[:, :, :1])
+    assert image.shape[2] == 1
+    torch.testing.assert_close(image, full[:, :, :1], rtol=0, atol=1e-6)
+    assert vae.decode(image[:, :4]).shape[2] == 1
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_encode_matches_plain(vae, chunk):
+    x = _video(frames=17, size=16)
+    plain = vae.encoder(x)
+    chunked = vae.encode_moments_chunked(x, chunk)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the temporal factor"):
+        vae.encode_moments_chunked(x, 3)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_chunked_decode_matches_plain(vae, chunk):
+    z = torch.randn(2, 4, 5, 4, 4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(vae.decode_chunked(z, chunk), vae.decode(z), rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_caches_are_cleared(vae):
+    x = _video(frames=9, size=16)
+    with streaming(vae.encoder):
+        vae.encoder(x[:, :, :1])
+    assert all(m._cache is None for m in vae.modules() if isinstance(m, CausalConv3d))
+    torch.testing.assert_close(vae.encoder(x), vae.encoder(x))
+
+
+def test_tiled_map_blends_to_the_untiled_result():
+    """Blending weights form a partition of unity: exact for position-independent maps."""
+    x = torch.randn(1, 3, 2, 40, 56)
+    up = lambda t: 2 * t.repeat_interleave(4, -1).repeat_interleave(4, -2)  # noqa: E731
+    down = lambda t: t[..., ::4, ::4] - 1  # noqa: E731
+    torch.testing.assert_close(tiled_map(up, x, 16, 4, 4.0), up(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiled_map(down, x, 16, 8, 0.25), down(x), rtol=0, atol=1e-6)
+    assert torch.equal(tiled_map(up, x, 64, 8, 4.0), up(x))  # one tile: untouched
+
+
+def test_export_round_trip_and_autoencoder(tmp_path, vae):
+    stats = latent_statistics(vae, [_video(frames=9, size=16, seed=s) for s in range(3)])
+    path = tmp_path / "vae.safetensors"
+    save_vae(path, vae, TINY, stats, {"trained_steps": 7})
+    net, config, norm, meta = load_vae(path)
+    assert config == {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    assert meta["trained_steps"] == 7
+    for k, v in vae.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v)
+    for k, v in stats.items():
+        assert torch.equal(norm[k], v)
+    assert path.read_bytes()[:8] != b"\x80\x02" and not (tmp_path / "vae.safetensors.tmp").exists()
+
+    ae = build_autoencoder("causal_vae", checkpoint=str(path), vae=config, latent_channels=4)
+    assert ae.state_dict().keys() == set()  # weights come from the file, not DiT checkpoints
+    x = _video(frames=9, size=16, seed=0)
+    raw = ae.encode_raw(x)
+    z = ae.normalize(raw)
+    torch.testing.assert_close(ae.denormalize(z), raw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ae.encode(x), z)
+    assert ae.decode(z).shape == x.shape and ae.decode(z).abs().max() <= 1.0
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(ae.encode_raw(x, True, g1), ae.encode_raw(x, True, g2))
+    assert not torch.equal(ae.encode_raw(x, True, g1), raw)
+    assert ae.describe()["fingerprint"] == ae.fingerprint and ae.describe()["normalization"]
+    ae.to(torch.float64)
+    assert next(ae.net.parameters()).dtype == torch.float64
+
+    with pytest.raises(ValueError, match="autoencoder.latent_channels=16"):
+        build_autoencoder("causal_vae", checkpoint=str(path), latent_channels=16)
+    with pytest.raises(FileNotFoundError, match="autoencoder.checkpoint=.*make vae"):
+        build_autoencoder("causal_vae", checkpoint=str(tmp_path / "missing.safetensors"))
+
+
+def test_latent_statistics_normalise_to_zero_mean_unit_std(vae):
+    """Statistics of first and later frames differ; normalised latents are standardised."""
+    videos = [_video(frames=9, size=16, seed=s) * 0.5 + 0.2 for s in range(4)]
+    stats = latent_statistics(vae, videos, seed=0)
+    ae = CausalVideoAutoencoder(vae=TINY)
+    ae.net.load_state_dict(vae.state_dict())
+    ae.set_normalization(stats)
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([ae.normalize(ae.encode_raw(v, sample=True, generator=g)) for v in videos])
+    for part in (z[:, :, :1], z[:, :, 1:]):
+        assert abs(part.mean().item()) < 1e-4
+        assert part.std().item() == pytest.approx(1.0, abs=1e-3)
+    per = latent_statistics(vae, videos, per_channel=True)
+    assert per["shift_rest"].unique().numel() == TINY["latent_channels"]
+    assert stats["shift_first"][0] != stats["shift_rest"][0]
