@@ -173,3 +173,54 @@ def test_latent_statistics_normalise_to_zero_mean_unit_std(vae):
     per = latent_statistics(vae, videos, per_channel=True)
     assert per["shift_rest"].unique().numel() == TINY["latent_channels"]
     assert stats["shift_first"][0] != stats["shift_rest"][0]
+
+
+def _vae_module(**loss):
+    from src.models.vae_module import VAEModule
+
+    base = {"l1": 1.0, "mse": 0.0, "kl": 1e-6, "perceptual": 0.0, "gan": 0.0, "disc_start": 0}
+    optim = {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 1.0}
+    return VAEModule(TINY, {**base, **loss}, optim, {"frames": 5, "size": 16})
+
+
+def test_perceptual_term_without_offline_weights_is_skipped_with_a_warning():
+    with pytest.warns(UserWarning, match="perceptual=1.0 but LPIPS is unavailable offline"):
+        module = _vae_module(perceptual=1.0)
+    assert module.lpips is None
+
+
+def test_gan_step_updates_both_nets_and_counts_one_global_step(tmp_path, tiny_data_dir):
+    """With gan > 0 from step 0 the generator gets the adaptive hinge term and the PatchGAN
+    discriminator is trained; Lightning's global step still counts batches, not optimizers."""
+    import lightning as L
+
+    from src.data.webvideo_datamodule import WebVideoDataModule
+
+    torch.manual_seed(0)
+    module = _vae_module(gan=0.5)
+    disc0 = [p.detach().clone() for p in module.discriminator.parameters()]
+    dm = WebVideoDataModule(
+        str(tiny_data_dir / "shards" / "digits"),
+        batch_size=2,
+        num_frames=9,
+        height=32,
+        width=32,
+        batches_per_epoch=2,
+        val_batches=1,
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    logged = trainer.callback_metrics
+    assert {"train/gan_g", "train/gan_d", "train/gan_weight"} <= set(logged)
+    assert 0.0 <= float(logged["train/gan_weight"]) <= 1e4
+    assert any(not torch.equal(a, b) for a, b in zip(disc0, module.discriminator.parameters()))
