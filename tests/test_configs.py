@@ -45,7 +45,11 @@ def test_every_option_composes_and_validates(group, option):
         net, ae = container["model"]["net"], container["autoencoder"]
         assert net["in_channels"] == ae["latent_channels"]
     # weights a user downloads or trains (VAE exports) may be absent here: every other rule holds
-    problems = [p for p in config_problems(cfg) if "checkpoint=" not in p or "exist" not in p]
+    problems = [
+        p
+        for p in config_problems(cfg)
+        if not ("checkpoint=" in p or "ckpt_path=" in p) or "exist" not in p
+    ]
     assert problems == []
 
 
