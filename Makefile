@@ -16,7 +16,7 @@ OUT ?= logs/train/runs/$(RUN)/videos
 ARGS ?=
 VAE_CKPT ?= checkpoints/vae_digits.safetensors
 
-.PHONY: help install data vae latents train smoke sample bench test test-slow test-gpu test-full lint format clean clean-logs
+.PHONY: help install data vae latents train train-vae smoke sample bench test test-slow test-gpu test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,12 +42,15 @@ vae: data ## train the digits causal VAE (about 35 min, two phases) unless $(VAE
 latents: vae ## pre-extract VAE latents + text features of the digits shards (data=digits_latents)
 	$(BIN)/python src/extract.py autoencoder=causal_vae_digits autoencoder.checkpoint=$(VAE_CKPT) $(ARGS)
 
-train: data vae ## train the CPU digits demo end to end, then sample the canonical prompts
+train: data ## train the CPU digits demo end to end, then sample the canonical prompts
 	$(BIN)/python src/train.py run_name=$(RUN) ckpt_path=last $(ARGS)
 	$(BIN)/python src/sample.py ckpt_path=$(CKPT) prompts_file=$(PROMPTS) out_dir=$(OUT) run_name=$(RUN)
 	@echo "Checkpoint:   $(CKPT)"
 	@echo "Videos:       $(OUT)/*.mp4 (+ samples.jsonl, strip.png)"
 	@echo "Metrics:      logs/train/runs/$(RUN)/csv/metrics.csv"
+
+train-vae: vae ## the digits demo in the learned VAE's latent space (RUN=digits_vae)
+	$(MAKE) train RUN=$(if $(filter digits_demo,$(RUN)),digits_vae,$(RUN)) ARGS="autoencoder=causal_vae_digits $(ARGS)"
 
 smoke: $(STAMP) ## seconds-long tiny training run
 	$(BIN)/python src/train.py experiment=tiny run_name=smoke paths.data_dir=data/smoke $(ARGS)

@@ -141,7 +141,7 @@ def block_noise_loop(shape, gamma: float) -> torch.Tensor:
     return out
 
 
-def vae_rows(args, pyr: Setup) -> list[tuple[str, ...]]:
+def vae_rows(args) -> list[tuple[str, ...]]:
     """VAE throughput and the pre-extracted-latents speed-up (weights do not affect speed)."""
     import yaml
 
@@ -272,7 +272,7 @@ def main() -> None:
         )
     )
 
-    rows += vae_rows(args, pyr)
+    rows += vae_rows(args)
 
     header = (
         "| measurement | K=1 (flat) / baseline | K=3 (pyramid) / ours | measured "
