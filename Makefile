@@ -33,7 +33,7 @@ install: $(STAMP) ## create .venv and install the pinned requirements
 data: $(STAMP) ## render the moving-digits dataset to webdataset shards (if missing)
 	@[ -f data/shards/digits/train/manifest.json ] || $(BIN)/python scripts/make_shards.py digits --out data/shards/digits
 
-vae: data ## train the digits causal VAE (about 35 min, two phases) unless $(VAE_CKPT) exists
+vae: data ## train the digits causal VAE (about 30 min on 2 cores, two phases) unless $(VAE_CKPT) exists
 	@[ -f $(VAE_CKPT) ] || ( \
 	  $(BIN)/python src/train.py experiment=vae_digits ckpt_path=last model.export.path=null && \
 	  $(BIN)/python src/train.py experiment=vae_digits_17f model.export.path=$(VAE_CKPT) )
