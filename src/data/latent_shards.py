@@ -42,8 +42,8 @@ import webdataset as wds
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from src.data.pipeline import BadSample, SampleDecoder, refuse_members
-from src.data.shards import MANIFEST, shard_files
+from src.data.pipeline import BadSample, SampleDecoder, parse_meta, refuse_members
+from src.data.shards import MANIFEST, drop_empty_shard, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,8 @@ def write_latent_split(
             num += 1
     finally:
         writer.close()
-    if num == 0:  # ShardWriter opens its first shard eagerly: drop the empty tar
-        for path in tmp.glob("*.tar"):
-            path.unlink()
+    if num == 0:
+        drop_empty_shard(tmp)
 
     null = {k: null_text[k].detach().cpu().clone() for k in ("tokens", "mask", "pooled")}
     save_file(null, tmp / NULL_TEXT)
@@ -334,12 +333,7 @@ class LatentDecoder(SampleDecoder):
         missing = [m for m in MEMBERS if m not in sample]
         if missing:
             raise BadSample("missing_member", f"no {', '.join('.' + m for m in missing)}")
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError as exn:
-            raise BadSample("bad_json", str(exn)) from exn
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+        meta = parse_meta(sample)
         meta.update(key=sample.get("__key__"), url=sample.get("__url__"))
         latent = self._array(sample, "latent.npy", self.latent_dtype)  # (C, t, h, w)
         if latent.ndim != 4 or latent.shape[0] != self.latent_channels:

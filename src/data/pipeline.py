@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
@@ -109,7 +110,18 @@ def collate_clips(samples: Sequence[dict]) -> dict:
     }
 
 
-class SampleDecoder:
+def parse_meta(sample: dict) -> dict:
+    """The sample's ``.json`` member as a dict; :class:`BadSample` when it is not one."""
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as exn:
+        raise BadSample("bad_json", str(exn)) from exn
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
+class SampleDecoder(ABC):
     """Pipeline stage that decodes raw shard samples, skipping and counting bad ones.
 
     Subclasses implement :meth:`decode` (raise :class:`BadSample` to skip). ``skipped`` counts
@@ -141,9 +153,9 @@ class SampleDecoder:
         self._skip("shard_error", "-", f"{type(exn).__name__}: {exn}")
         return True
 
+    @abstractmethod
     def decode(self, sample: dict, rng: random.Random | None = None) -> dict:
         """One raw sample (bytes per member) -> a decoded sample; BadSample to skip it."""
-        raise NotImplementedError
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         """Pipeline stage: decode every sample, skipping (and counting) bad ones."""
@@ -187,14 +199,7 @@ class ClipDecoder(SampleDecoder):
         caption = text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else ""
         if not caption:
             raise BadSample("missing_caption", "no or empty .txt member")
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except ValueError as exn:
-                raise BadSample("bad_json", str(exn)) from exn
-            if not isinstance(meta, dict):
-                raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+        meta = parse_meta(sample) if "json" in sample else {}
         meta.update(key=key, url=sample.get("__url__"))
         try:
             frames = read_mp4(sample["mp4"])  # (T, H, W, 3) uint8

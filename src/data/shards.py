@@ -34,6 +34,12 @@ MANIFEST = "manifest.json"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
 
 
+def drop_empty_shard(folder: Path) -> None:
+    """ShardWriter opens its first shard eagerly: remove it when nothing was written."""
+    for path in folder.glob("*.tar"):
+        path.unlink()
+
+
 def shard_files(split_dir: str | os.PathLike) -> list[Path]:
     """The ``*.tar`` shards of one split folder, sorted by name (empty if none)."""
     split_dir = Path(split_dir)
@@ -102,9 +108,8 @@ def write_split(
             num += 1
     finally:
         writer.close()
-    if num == 0:  # ShardWriter opens its first shard eagerly: drop the empty tar
-        for path in tmp.glob("*.tar"):
-            path.unlink()
+    if num == 0:
+        drop_empty_shard(tmp)
 
     final.mkdir(parents=True, exist_ok=True)
     if overwrite:

@@ -13,6 +13,7 @@ the streaming logic shared with the latent shards' ``LatentDataModule``.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from itertools import islice
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from src.data.pipeline import (
 from src.data.shards import read_manifest, shard_files, write_digits_shards
 
 
-class ShardStreamDataModule(LightningDataModule):
+class ShardStreamDataModule(LightningDataModule, ABC):
     """Streams of webdataset shards in ``<data_dir>/{train,val}``: the parts every format shares.
 
     Subclasses set ``data_dir``, ``train_decoder`` and ``val_decoder`` (:class:`SampleDecoder`),
@@ -64,8 +65,9 @@ class ShardStreamDataModule(LightningDataModule):
         """The pipeline's batching stage; ``None``: full batches of :meth:`collate`."""
         return None
 
+    @abstractmethod
     def _urls(self, split: str) -> list[str]:
-        raise NotImplementedError
+        """Shard URLs of ``split`` ("train" or "val")."""
 
     def _world_size(self) -> int:
         if self.trainer is not None:

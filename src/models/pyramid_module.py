@@ -57,12 +57,6 @@ def packed_pyramid_loss(
     return losses, per_stage
 
 
-def latent_autoencoder_info(manifest: dict) -> dict:
-    """The ``describe()`` record of the autoencoder a latent shard set was extracted with."""
-    info = manifest.get("autoencoder") or {}
-    return info.get("describe", info) if isinstance(info, dict) else {}
-
-
 class PyramidFlowModule(L.LightningModule):
     def __init__(
         self,
@@ -151,7 +145,7 @@ class PyramidFlowModule(L.LightningModule):
                     "latent shards carry no autoencoder.safetensors; re-run src/extract.py"
                 )
             ae.load_state_dict({k: v.to(self.device) for k, v in state.items()})
-        made_by = latent_autoencoder_info(dm.manifest)
+        made_by = dm.manifest.get("autoencoder") or {}  # its describe() record
         mine = ae.describe()
         if made_by and made_by.get("fingerprint") != mine["fingerprint"]:
             raise ValueError(
@@ -177,12 +171,7 @@ class PyramidFlowModule(L.LightningModule):
     def null_features(self, batch_size: int) -> TextFeatures:
         """Empty-prompt features: stored with pre-extracted features, else encoded once."""
         if self._null_text is not None:
-            n = self._null_text
-            return TextFeatures(
-                n.tokens.expand(batch_size, -1, -1),
-                n.mask.expand(batch_size, -1),
-                n.pooled.expand(batch_size, -1),
-            )
+            return self._null_text.expand(batch_size)
         return self.text_encoder.empty_features(batch_size)
 
     def text_features(self, prompts: list[str], drop: torch.Tensor | None = None) -> TextFeatures:

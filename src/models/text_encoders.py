@@ -82,6 +82,14 @@ class TextFeatures:
             pooled=self.pooled.to(device=device, dtype=dtype, non_blocking=non_blocking),
         )
 
+    def expand(self, batch_size: int) -> TextFeatures:
+        """A batch-1 TextFeatures repeated to ``batch_size`` rows (read-only views)."""
+        return TextFeatures(
+            tokens=self.tokens.expand(batch_size, -1, -1),
+            mask=self.mask.expand(batch_size, -1),
+            pooled=self.pooled.expand(batch_size, -1),
+        )
+
     def select(self, index) -> TextFeatures:
         """Rows ``index`` (int, slice, list, long or bool tensor), keeping the batch dim."""
         if isinstance(index, int):
@@ -177,12 +185,7 @@ class TextEncoder(ABC):
         """Features of the empty prompt ``""`` expanded to ``batch_size`` (read-only views)."""
         if self._empty is None:
             self._empty = self.encode([""])
-        e = self._empty
-        return TextFeatures(
-            tokens=e.tokens.expand(batch_size, -1, -1),
-            mask=e.mask.expand(batch_size, -1),
-            pooled=e.pooled.expand(batch_size, -1),
-        )
+        return self._empty.expand(batch_size)
 
     @property
     def cache_len(self) -> int:
