@@ -72,6 +72,14 @@ class DiagonalGaussian:
         return kl.flatten(1).sum(1)
 
 
+def _mid_block(channels: int, attention: bool, groups: int) -> nn.Sequential:
+    """ResNet -> per-frame attention (optional) -> ResNet at the bottleneck resolution."""
+    attn = [FrameAttention(channels, groups)] if attention else []
+    return nn.Sequential(
+        ResBlock3d(channels, channels, groups), *attn, ResBlock3d(channels, channels, groups)
+    )
+
+
 class _Encoder(nn.Module):
     def __init__(
         self,
@@ -97,11 +105,7 @@ class _Encoder(nn.Module):
                 layers.append(Downsample(ch, sd, td))
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
-        mid: list[nn.Module] = [ResBlock3d(prev, prev, groups)]
-        if attention:
-            mid.append(FrameAttention(prev, groups))
-        mid.append(ResBlock3d(prev, prev, groups))
-        self.mid = nn.Sequential(*mid)
+        self.mid = _mid_block(prev, attention, groups)
         self.norm_out = FrameGroupNorm(_groups(prev, groups), prev, eps=1e-6)
         self.conv_out = CausalConv3d(prev, 2 * latent_channels, 3)
 
@@ -129,11 +133,7 @@ class _Decoder(nn.Module):
         self.patch_size = patch_size
         top = channels[-1]
         self.conv_in = CausalConv3d(latent_channels, top, 3)
-        mid: list[nn.Module] = [ResBlock3d(top, top, groups)]
-        if attention:
-            mid.append(FrameAttention(top, groups))
-        mid.append(ResBlock3d(top, top, groups))
-        self.mid = nn.Sequential(*mid)
+        self.mid = _mid_block(top, attention, groups)
         blocks, prev = [], top
         for ch, su, tu in reversed(list(zip(channels, spatial_down, temporal_down))):
             layers: list[nn.Module] = []
