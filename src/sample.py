@@ -4,6 +4,11 @@ python src/sample.py ckpt_path=PATH prompts_file=FILE out_dir=DIR [steps=[8,8,8]
 FILE: .txt (one prompt a line) or .jsonl (a "prompt" field a line). Writes DIR/0000.mp4, ...
 in prompt order and DIR/samples.jsonl (prompt, seed, steps per stage, guidance, frames, fps,
 checkpoint sha256).
+
+Autoregressive checkpoints also take init_image=PNG (image-to-video: the image becomes latent
+frame 0) or init_video=MP4 (continuation: its frames become history, the rest is generated),
+num_frames=N (at most the trained clip), video_steps / video_guidance_scale (frames after the
+first) and kv_cache=true (models trained with temporal.history_timestep=clean).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
 
-from src.data.video_io import write_mp4  # noqa: E402
+from src.data.video_io import read_video, write_mp4  # noqa: E402
 from src.models.checkpoint import load_module, sha256_file  # noqa: E402
 from src.utils import RankedLogger  # noqa: E402
 from src.utils.visualize import save_frame_strip  # noqa: E402
@@ -48,6 +53,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def read_init(cfg: DictConfig) -> tuple[torch.Tensor | None, str | None]:
+    """The init image or clip as (1, 3, n, H, W) in [-1, 1], and its path (or None, None)."""
+    image, video = cfg.get("init_image"), cfg.get("init_video")
+    if image and video:
+        raise ValueError("init_image and init_video are both set; fix: give one of them")
+    path = image or video
+    if not path:
+        return None, None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{'init_image' if image else 'init_video'}={path} does not exist")
+    frames, _ = read_video(path)  # (n, H, W, 3) uint8; PyAV decodes PNG/JPEG as one frame
+    if image:
+        frames = frames[:1]
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, n, H, W)
+    return x[None], str(path)
+
+
 def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg.prompts_file)
     module = load_module(cfg.ckpt_path, cfg.device)
@@ -58,6 +80,18 @@ def sample(cfg: DictConfig) -> Path:
     neg = (
         cfg.negative_prompt if cfg.negative_prompt is not None else hp.sampling["negative_prompt"]
     )
+    init, init_path = read_init(cfg)
+    extra = {
+        "num_frames": cfg.get("num_frames"),
+        "init_video": init,
+        "video_steps": cfg.get("video_steps"),
+        "video_guidance_scale": cfg.get("video_guidance_scale"),
+        "kv_cache": cfg.get("kv_cache"),
+    }
+    if extra["video_steps"] is not None:
+        extra["video_steps"] = list(extra["video_steps"])
+    ar = module.autoregressive
+    smp = hp.sampling
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, strips = [], []
@@ -65,7 +99,12 @@ def sample(cfg: DictConfig) -> Path:
         chunk = prompts[start : start + cfg.batch_size]
         # seed of prompt i is seed + i: the same video whatever the batch size
         videos = module.generate(
-            chunk, seed=cfg.seed + start, steps=steps, guidance_scale=w, negative_prompt=neg
+            chunk,
+            seed=cfg.seed + start,
+            steps=steps,
+            guidance_scale=w,
+            negative_prompt=neg,
+            **extra,
         )
         strips.append(videos[:, :, :])
         for j, (prompt, video) in enumerate(zip(chunk, videos)):
@@ -85,8 +124,23 @@ def sample(cfg: DictConfig) -> Path:
                     "fps": hp.video["fps"],
                     "ckpt_path": str(cfg.ckpt_path),
                     "ckpt_sha256": sha,
+                    "temporal": dict(module.temporal),
                 }
             )
+            if ar:
+                vs = extra["video_steps"] or list(smp.get("video_steps", steps))
+                vg = extra["video_guidance_scale"]
+                records[-1].update(
+                    video_steps_per_stage=vs,
+                    video_guidance_scale=smp.get("video_guidance_scale", w) if vg is None else vg,
+                    kv_cache=bool(
+                        smp.get("kv_cache", False)
+                        if extra["kv_cache"] is None
+                        else extra["kv_cache"]
+                    ),
+                    init=init_path,
+                    init_frames=0 if init is None else int(init.shape[2]),
+                )
     with open(out / "samples.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

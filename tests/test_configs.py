@@ -99,6 +99,12 @@ BAD = [
         "autoencoder.latent_channels=64 must be 3*s*s*f_t=192",
     ),
     (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt does not exist"),
+    (["temporal=autoregressive", "temporal.compression=0"], "temporal.compression=0 must be"),
+    (["temporal=autoregressive", "temporal.corrupt_ratio=1.5"], "temporal.corrupt_ratio=1.5"),
+    (["temporal.mode=causal"], "temporal.mode=causal is unknown"),
+    (["temporal.history_timestep=zero"], "temporal.history_timestep=zero is unknown"),
+    (["temporal=autoregressive", "sampling.kv_cache=true"], "sampling.kv_cache=true needs"),
+    (["sampling.video_steps=[4,4]"], "sampling.video_steps=[4, 4] needs 3"),
 ]
 
 

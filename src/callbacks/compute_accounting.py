@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from src.flow.pyramid import stage_columns
+from src.flow.temporal import sequence_tokens
 from src.utils.flops import dit_forward_flops, pyramid_tokens_per_stage
 
 
@@ -26,17 +27,40 @@ def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, n: int = 1024, reps:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def training_tokens_per_column(module: L.LightningModule) -> list[list[int]]:
+    """Video tokens of every stage column (incl. history) for each trained frame position.
+
+    Full-sequence: one position with all latent frames. Autoregressive: T positions (the
+    cycle of `frame_positions`), the full-resolution columns at frame p with its compressed
+    history, the lower-stage columns at frame T - 1 - p.
+    """
+    hp, k = module.hparams, module.schedule.num_stages
+    _, t, h, w = module.latent_shape
+    tokens = pyramid_tokens_per_stage(t, h, w, hp.net["patch_size"], k)
+    cols = stage_columns(hp.pyramid["stage_sample_ratios"])
+    if not getattr(module, "autoregressive", False):
+        return [[tokens[s] for s in cols]]
+    full, c = tokens[-1] // t, module.temporal["compression"]
+    rows = []
+    for p in range(t):
+        rows.append(
+            [sum(sequence_tokens(p if s == k - 1 else t - 1 - p, s, c, full, k)) for s in cols]
+        )
+    return rows
+
+
 def training_flops_per_sample(module: L.LightningModule) -> tuple[float, list[int]]:
-    """(mean training FLOPs of one sample over the stage columns, video tokens per stage)."""
+    """(mean training FLOPs of one sample over stage columns and frame positions, full-sequence
+    video tokens per stage)."""
     hp = module.hparams
     c, t, h, w = module.latent_shape
     net = hp.net
     tokens = pyramid_tokens_per_stage(t, h, w, net["patch_size"], module.schedule.num_stages)
-    cols = stage_columns(hp.pyramid["stage_sample_ratios"])
     text_len = module.hparams.text_encoder["max_length"]
     fwd = [
-        dit_forward_flops([tokens[s]], text_len, in_features=c * net["patch_size"] ** 2, **net)
-        for s in cols
+        dit_forward_flops([n], text_len, in_features=c * net["patch_size"] ** 2, **net)
+        for row in training_tokens_per_column(module)
+        for n in row
     ]
     return 3.0 * sum(fwd) / len(fwd), tokens
 

@@ -6,6 +6,13 @@ pyramid stages of a training batch, spec section 2.7) are packed into one sequen
 each segment is [its text tokens | its video tokens], attention is block-diagonal over segments,
 and every segment is modulated (adaLN-Zero) by its own timestep + pooled text.
 
+Autoregressive video (spec section 4): a segment may carry clean *history* frames before the
+frame being denoised, each history chunk at its own (coarser) resolution. Its tokens are placed
+on the current stage's grid by RoPE interpolation (spec 5.3), attention inside the segment is
+block-causal over frames, and only the current frame's tokens are returned. With
+`history_timestep="clean"` text and history are modulated with the clean-level timestep, so
+they do not depend on the denoising step and their keys/values can be cached (`KVCache`).
+
 The net knows nothing about noise schedules: it maps (latents, timesteps, text) to a tensor of
 the latents' shape.
 """
@@ -23,11 +30,52 @@ from src.models.layers import (
     RMSNorm,
     apply_rope,
     attention,
+    interpolated_grid,
     patchify,
     rope_angles,
     timestep_embedding,
     unpatchify,
 )
+
+HISTORY_TIMESTEPS = ("current", "clean")
+
+
+class KVCache:
+    """Keys/values of a segment's prefix ([text | history]) at every attention layer.
+
+    Filled by `PyramidDiT.encode_prefix` (mode "write"), then read by `forward_cached` (mode
+    "read") for every denoising step of one (frame, stage): exact because prefix tokens never
+    attend to the current frame (block-causal) and, with history_timestep="clean", do not
+    depend on the step's timestep.
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []  # per layer (B, H, Np, Dh), RoPE applied
+        self.values: list[torch.Tensor] = []
+        self.key_valid: torch.Tensor | None = None  # (B, Np)
+        self.num_frames = 0  # history frames: the current frame's temporal index
+        self.pooled: torch.Tensor | None = None  # (B, Dp)
+        self.mode = "write"
+        self._layer = 0
+
+    def attend(self, q, k, v, layout, backend):
+        """Attention of one layer; records (write) or prepends (read) the prefix keys/values."""
+        if self.mode == "write":
+            self.keys.append(k)
+            self.values.append(v)
+            return attention(q, k, v, layout, backend)
+        kp, vp = self.keys[self._layer], self.values[self._layer]
+        self._layer = (self._layer + 1) % len(self.keys)
+        mask = torch.cat([self.key_valid, layout.key_valid], dim=1)[:, None, None]  # (B,1,1,N)
+        return F.scaled_dot_product_attention(
+            q, torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2), attn_mask=mask
+        )
+
+
+def _attend(q, k, v, layout, backend, kv: KVCache | None):
+    if kv is None:
+        return attention(q, k, v, layout, backend)
+    return kv.attend(q, k, v, layout, backend)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,7 +115,7 @@ class PyramidDiTBlock(nn.Module):
                 nn.Sequential(nn.Linear(dim, hidden), nn.GELU("tanh"), nn.Linear(hidden, dim)),
             )
 
-    def forward(self, img, txt, c, seg_img, seg_txt, joint, backend):
+    def forward(self, img, txt, c, seg_img, seg_txt, joint, backend, kv=None):
         # img: (B, Ni, D), txt: (B, Nt, D); c: per-segment conditioning (B, S, D)
         # seg_img/seg_txt: segment of every token; joint: (order, angles, layout) interleaves
         # the streams segment by segment for attention
@@ -80,7 +128,7 @@ class PyramidDiTBlock(nn.Module):
             torch.cat([a, b], dim=2)[:, :, order] for a, b in ((qt, qi), (kt, ki), (vt, vi))
         )
         q, k = apply_rope(q, angles), apply_rope(k, angles)  # (B, H, N, Dh), segment order
-        o = attention(q, k, v, layout, backend)  # (B, H, N, Dh)
+        o = _attend(q, k, v, layout, backend, kv)  # (B, H, N, Dh)
         o = o[:, :, torch.argsort(order)].transpose(1, 2).flatten(2)  # (B, Nt + Ni, D)
         ot, oi = o[:, : txt.shape[1]], o[:, txt.shape[1] :]
         img = img + mi[2] * self.img_proj(oi)
@@ -103,14 +151,14 @@ class PyramidDiTSingleBlock(nn.Module):
         self.k_norm = RMSNorm(dim // heads)
         self.linear2 = nn.Linear(dim + self.hidden, dim)
 
-    def forward(self, x, c, seg, angles, layout, backend):
+    def forward(self, x, c, seg, angles, layout, backend, kv=None):
         # x: (B, N, D) joint sequence in segment order; c: per-segment conditioning (B, S, D)
         shift, scale, gate = self.mod(F.silu(c))[:, seg].chunk(3, dim=-1)  # 3 x (B, N, D)
         h = self.linear1(modulate(self.norm(x), shift, scale))  # (B, N, 3D + hidden)
         qkv, mlp = h.split([3 * self.dim, self.hidden], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
-        o = attention(q, k, v, layout, backend).transpose(1, 2).flatten(2)  # (B, N, D)
+        o = _attend(q, k, v, layout, backend, kv).transpose(1, 2).flatten(2)  # (B, N, D)
         return x + gate * self.linear2(torch.cat([o, F.gelu(mlp, approximate="tanh")], dim=-1))
 
 
@@ -134,6 +182,7 @@ class PyramidDiT(nn.Module):
         rope_theta: float = 10000.0,
         attn_backend: str = "sdpa_segments",
         grad_checkpointing: float = 0.0,
+        history_timestep: str = "current",
     ):
         super().__init__()
         head_dim = hidden_size // num_heads
@@ -144,7 +193,13 @@ class PyramidDiT(nn.Module):
             )
         self.in_channels, self.patch_size = in_channels, patch_size
         self.rope_axes, self.rope_theta = tuple(rope_axes), rope_theta
+        if history_timestep not in HISTORY_TIMESTEPS:
+            raise ValueError(
+                f"temporal.history_timestep={history_timestep!r} is unknown; fix: one of "
+                f"{list(HISTORY_TIMESTEPS)}"
+            )
         self.attn_backend, self.grad_checkpointing = attn_backend, grad_checkpointing
+        self.history_timestep = history_timestep
         self.x_embedder = nn.Linear(in_channels * patch_size**2, hidden_size)
         self.context_embedder = nn.Linear(text_dim, hidden_size)
         self.time_embedder = MLPEmbedder(256, hidden_size)
@@ -177,65 +232,164 @@ class PyramidDiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, timestep, context, context_mask, pooled):
+    def forward(self, x, timestep, context, context_mask, pooled, history=None, causal=False):
         """One segment: x (B, C, T, H, W), timestep (B,), context (B, L, Dt), mask (B, L), pooled
-        (B, Dp) -> velocity (B, C, T, H, W)."""
-        return self.forward_packed([x], [timestep], [context], [context_mask], [pooled])[0]
+        (B, Dp), optional clean history chunks -> velocity (B, C, T, H, W)."""
+        hist = None if history is None else [history]
+        return self.forward_packed(
+            [x], [timestep], [context], [context_mask], [pooled], hist, causal
+        )[0]
 
-    def forward_packed(self, xs, timesteps, contexts, context_masks, pooled):
+    def forward_packed(
+        self, xs, timesteps, contexts, context_masks, pooled, histories=None, causal=False
+    ):
         """Several segments per row, each a list entry with the same batch size B.
 
         xs[s]: (B, C, T_s, H_s, W_s) at its own resolution; timesteps[s]: (B,);
-        contexts[s]: (B, L_s, Dt); context_masks[s]: (B, L_s) bool; pooled[s]: (B, Dp).
-        Returns a list of velocities shaped like xs.
+        contexts[s]: (B, L_s, Dt); context_masks[s]: (B, L_s) bool; pooled[s]: (B, Dp);
+        histories[s]: clean history chunks [(B, C, n_j, h_j, w_j), ...] oldest first (frames
+        0..u-1; x then holds frames u..), or None / [] for none. `causal` makes attention
+        block-causal over frames (the autoregressive mode). Returns velocities shaped like xs.
         """
+        histories = histories or [None] * len(xs)
+        toks = self._tokens(xs, timesteps, contexts, context_masks, pooled, histories, causal)
+        return self._blocks_and_head(toks, xs, kv=None)
+
+    @torch.no_grad()
+    def encode_prefix(self, history, context, context_mask, pooled, grid) -> KVCache:
+        """Run text + history once and keep every layer's keys/values (see KVCache).
+
+        history: clean chunks [(B, C, n_j, h_j, w_j)] (at least one frame); grid: (H, W) latent
+        size of the stage the cache will be used for (history is placed on its grid).
+        """
+        if self.history_timestep != "clean":
+            raise ValueError(
+                "sampling.kv_cache=true needs a model trained with temporal.history_timestep="
+                f"clean, but this model uses {self.history_timestep!r} (history is modulated "
+                "with each step's timestep, so cached keys/values would be wrong); fix: "
+                "sampling.kv_cache=false, or train with temporal.history_timestep=clean"
+            )
+        b, dev = context.shape[0], context.device
+        empty = history[0].new_zeros(b, history[0].shape[1], 0, *grid)  # no current tokens
+        zero_t = torch.zeros(b, device=dev)
+        toks = self._tokens(
+            [empty], [zero_t], [context], [context_mask], [pooled], [history], causal=True
+        )
+        kv = KVCache()
+        self._blocks_and_head(toks, None, kv=kv)
+        kv.key_valid = toks["layout"].key_valid
+        kv.num_frames = sum(h.shape[2] for h in history)
+        kv.pooled, kv.mode = pooled, "read"
+        return kv
+
+    @torch.no_grad()
+    def forward_cached(self, x, timestep, kv: KVCache):
+        """Velocity of the current frame(s) x (B, C, T, H, W) at `timestep` (B,) attending to
+        the cached prefix: the same result as `forward(..., history, causal=True)`."""
+        b, kv._layer = x.shape[0], 0
+        ctx = x.new_zeros(b, 0, self.context_embedder.in_features)
+        mask = torch.zeros(b, 0, dtype=torch.bool, device=x.device)
+        toks = self._tokens(
+            [x], [timestep], [ctx], [mask], [kv.pooled], [None], True, frame_offset=kv.num_frames
+        )
+        return self._blocks_and_head(toks, [x], kv=kv)[0]
+
+    def _tokens(
+        self, xs, timesteps, contexts, context_masks, pooled, histories, causal, frame_offset=0
+    ) -> dict:
+        """Embed and order all tokens of a packed row; see forward_packed for the arguments."""
         p, dev = self.patch_size, xs[0].device
-        imgs, txts, pos, c_seg, seg_img, seg_txt, valid, seg_len = [], [], [], [], [], [], [], []
-        for s, (x, t, ctx, cm, pl) in enumerate(
-            zip(xs, timesteps, contexts, context_masks, pooled)
+        n_seg = len(xs)
+        imgs, txts, pos, frames, c_cur, c_pre = [], [], [], [], [], []
+        seg_img, seg_txt, valid, seg_len, current = [], [], [], [], []
+        for s, (x, t, ctx, cm, pl, hist) in enumerate(
+            zip(xs, timesteps, contexts, context_masks, pooled, histories)
         ):
-            tok, grid = patchify(x, p)  # (B, Ni_s, C p p), (Ni_s, 3) own grid of this stage
-            imgs.append(self.x_embedder(tok))  # (B, Ni_s, D)
+            b, hh, ww = x.shape[0], x.shape[3] // p, x.shape[4] // p  # current token grid
+            c_pool = self.pooled_embedder(pl)
+            c_cur.append(self.time_embedder(timestep_embedding(t)) + c_pool)
+            if self.history_timestep == "clean":
+                c_pre.append(self.time_embedder(timestep_embedding(torch.zeros_like(t))) + c_pool)
+            else:
+                c_pre.append(c_cur[-1])
+            lt = ctx.shape[1]
             txts.append(self.context_embedder(ctx))  # (B, L_s, D)
-            lt, li = ctx.shape[1], tok.shape[1]
-            pos.append(torch.cat([torch.zeros(lt, 3, device=dev), grid.float()]))  # text at 0
-            c_seg.append(self.time_embedder(timestep_embedding(t)) + self.pooled_embedder(pl))
-            seg_txt.append(torch.full((lt,), s, device=dev))
-            seg_img.append(torch.full((li,), s, device=dev))
-            img_valid = torch.ones(x.shape[0], li, dtype=torch.bool, device=dev)
+            seg_pos, seg_tok, seg_cond, seg_cur = [], [], [], []
+            first = frame_offset
+            for h in hist or []:  # clean history: prefix conditioning, no output
+                tok, grid = patchify(h, p)  # (B, n_h, C p p), (n_h, 3)
+                gh = interpolated_grid(h.shape[3] // p, hh, dev)[grid[:, 1]]
+                gw = interpolated_grid(h.shape[4] // p, ww, dev)[grid[:, 2]]
+                seg_pos.append(torch.stack([grid[:, 0].float() + first, gh, gw], 1))
+                seg_tok.append(tok)
+                seg_cond.append(torch.full((tok.shape[1],), n_seg + s, device=dev))
+                seg_cur.append(torch.zeros(tok.shape[1], dtype=torch.bool, device=dev))
+                first += h.shape[2]
+            tok, grid = patchify(x, p)  # (B, Ni_s, C p p), (Ni_s, 3) own grid of this stage
+            seg_pos.append(torch.cat([grid[:, :1] + first, grid[:, 1:]], 1).float())
+            seg_tok.append(tok)
+            seg_cond.append(torch.full((tok.shape[1],), s, device=dev))
+            seg_cur.append(torch.ones(tok.shape[1], dtype=torch.bool, device=dev))
+            img_pos = torch.cat(seg_pos)  # (Ni_s, 3) history then current
+            imgs.append(self.x_embedder(torch.cat(seg_tok, 1)))  # (B, Ni_s, D)
+            li = img_pos.shape[0]
+            pos.append(torch.cat([torch.zeros(lt, 3, device=dev), img_pos]))  # text at 0
+            frames.append(torch.cat([torch.zeros(lt, device=dev), img_pos[:, 0]]))
+            seg_txt.append(torch.full((lt,), n_seg + s, device=dev))  # text: prefix conditioning
+            seg_img.append(torch.cat(seg_cond))
+            current.append(torch.cat(seg_cur))
+            img_valid = torch.ones(b, li, dtype=torch.bool, device=dev)
             valid.append(torch.cat([cm.bool(), img_valid], 1))  # (B, L_s + Ni_s)
             seg_len.append(lt + li)
         img, txt = torch.cat(imgs, 1), torch.cat(txts, 1)  # (B, Ni, D), (B, Nt, D)
-        c = torch.stack(c_seg, 1)  # (B, S, D) one conditioning vector per segment
-        seg_img, seg_txt = torch.cat(seg_img), torch.cat(seg_txt)
+        c = torch.stack(c_cur + c_pre, 1)  # (B, 2S, D): current, then prefix conditioning
         # joint sequence order: segment by segment, [text_s | video_s]; index into cat([txt, img])
         nt = txt.shape[1]
         txt_idx = torch.arange(nt, device=dev).split([tt.shape[1] for tt in txts])
         img_idx = (torch.arange(img.shape[1], device=dev) + nt).split([i.shape[1] for i in imgs])
         order = torch.cat([torch.cat([a, b]) for a, b in zip(txt_idx, img_idx)])  # (N,)
-        layout = PackedLayout(seg_len, torch.cat(valid, 1))  # key_valid (B, N) in joint order
+        frame_ids = torch.cat(frames) if causal else None  # (N,) joint order
+        layout = PackedLayout(seg_len, torch.cat(valid, 1), frame_ids)  # key_valid (B, N)
         angles = rope_angles(torch.cat(pos), self.rope_axes, self.rope_theta)  # (N, Dh/2)
-        joint = (order, angles, layout)
+        return {
+            "img": img,
+            "txt": txt,
+            "c": c,
+            "seg_img": torch.cat(seg_img).long(),
+            "seg_txt": torch.cat(seg_txt).long(),
+            "joint": (order, angles, layout),
+            "layout": layout,
+            "current": torch.cat(current),  # (Ni,) True for tokens whose velocity is returned
+        }
 
+    def _blocks_and_head(self, toks: dict, xs, kv: KVCache | None):
+        img, txt, c = toks["img"], toks["txt"], toks["c"]
+        seg_img, seg_txt, joint = toks["seg_img"], toks["seg_txt"], toks["joint"]
+        order, angles, layout = joint
+        nt = txt.shape[1]
         n_ckpt = round(
             self.grad_checkpointing * (len(self.double_blocks) + len(self.single_blocks))
         )
         for i, blk in enumerate(self.double_blocks):
-            args = (img, txt, c, seg_img, seg_txt, joint, self.attn_backend)
+            args = (img, txt, c, seg_img, seg_txt, joint, self.attn_backend, kv)
             img, txt = self._run(blk, args, i < n_ckpt)
         x = torch.cat([txt, img], 1)[:, order]  # (B, N, D) joint, segment order
-        seg_joint = torch.cat([seg_txt, seg_img])[order]  # (N,) segment of each joint token
+        seg_joint = torch.cat([seg_txt, seg_img])[order]  # (N,) conditioning row of each token
         for j, blk in enumerate(self.single_blocks):
-            args = (x, c, seg_joint, angles, layout, self.attn_backend)
+            args = (x, c, seg_joint, angles, layout, self.attn_backend, kv)
             x = self._run(blk, args, len(self.double_blocks) + j < n_ckpt)
-        img = x[:, torch.argsort(order)][:, nt:]  # (B, Ni, D) video tokens, segment-major
-        shift, scale = self.final_mod(F.silu(c))[:, seg_img].chunk(2, dim=-1)  # (B, Ni, D)
-        out = self.final_linear(modulate(self.final_norm(img), shift, scale))  # (B, Ni, C p p)
-        outs, start = [], 0
-        for x_s, im in zip(xs, imgs):
+        if xs is None:  # prefix pass: only the keys/values were wanted
+            return None
+        cur = toks["current"]
+        img = x[:, torch.argsort(order)][:, nt:][:, cur]  # (B, Nc, D) current tokens
+        shift, scale = self.final_mod(F.silu(c))[:, seg_img[cur]].chunk(2, dim=-1)  # (B, Nc, D)
+        out = self.final_linear(modulate(self.final_norm(img), shift, scale))  # (B, Nc, C p p)
+        outs, start, p = [], 0, self.patch_size
+        for x_s in xs:
             _, ch, t, h, w = x_s.shape
-            outs.append(unpatchify(out[:, start : start + im.shape[1]], p, ch, t, h, w))
-            start += im.shape[1]
+            n = t * (h // p) * (w // p)
+            outs.append(unpatchify(out[:, start : start + n], p, ch, t, h, w))
+            start += n
         return outs
 
     def _run(self, block, args, use_checkpoint):

@@ -21,11 +21,21 @@ class PackedLayout:
 
     seg_lengths: token count of each segment (the segments are contiguous, in order).
     key_valid: (B, N) bool, False for padding tokens (e.g. padded text), which no query sees.
-    Attention never crosses segments (block-diagonal); within a segment it is full.
+    frame_ids: optional (N,) temporal index of every token (text has 0). When given, attention
+    is block-causal over frames: a query of frame a sees keys of frames b <= a (spec 4.4).
+    Attention never crosses segments (block-diagonal); within a segment it is full or causal.
     """
 
     seg_lengths: list[int]
     key_valid: torch.Tensor
+    frame_ids: torch.Tensor | None = None
+
+    def causal_mask(self, sl: slice = slice(None)) -> torch.Tensor | None:
+        """(n, n) bool frame-causal mask of the tokens in `sl`, or None without frame ids."""
+        if self.frame_ids is None:
+            return None
+        f = self.frame_ids[sl]
+        return f[:, None] >= f[None, :]
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, N, N) bool: True where a query may attend a key."""
@@ -33,8 +43,11 @@ class PackedLayout:
             torch.arange(len(self.seg_lengths), device=self.key_valid.device),
             torch.tensor(self.seg_lengths, device=self.key_valid.device),
         )
-        same = seg[:, None] == seg[None, :]  # (N, N)
-        return (same[None] & self.key_valid[:, None, :])[:, None]
+        allowed = seg[:, None] == seg[None, :]  # (N, N)
+        causal = self.causal_mask()
+        if causal is not None:
+            allowed = allowed & causal
+        return (allowed[None] & self.key_valid[:, None, :])[:, None]
 
 
 def attention(
@@ -42,9 +55,9 @@ def attention(
 ) -> torch.Tensor:
     """Masked multi-head attention over a packed row. q, k, v: (B, H, N, Dh) -> (B, H, N, Dh).
 
-    "sdpa": one call with the dense block-diagonal + key-padding mask (any device).
-    "sdpa_segments": one call per segment with its own key-padding mask; the same result
-    without the cross-segment work (cheaper when several stages share a row).
+    "sdpa": one call with the dense block-diagonal + key-padding (+ frame-causal) mask.
+    "sdpa_segments": one call per segment with its own key-padding (+ frame-causal) mask; the
+    same result without the cross-segment work (cheaper when several stages share a row).
     """
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask())
@@ -53,6 +66,9 @@ def attention(
         for n in layout.seg_lengths:
             sl = slice(start, start + n)
             mask = layout.key_valid[:, None, None, sl]  # (B, 1, 1, n)
+            causal = layout.causal_mask(sl)
+            if causal is not None:
+                mask = mask & causal  # (B, 1, n, n)
             outs.append(
                 F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], mask)
             )
@@ -119,6 +135,14 @@ class MLPEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)))
+
+
+def interpolated_grid(size: int, target: int, device=None) -> torch.Tensor:
+    """Coordinates of `size` cells on a grid of `target` cells: linear interpolation of
+    arange(target) to length `size` with align_corners=False (spec 5.3), so a coarser history
+    frame's tokens sit between the current stage's integer positions: (size,) float."""
+    idx = torch.arange(size, dtype=torch.float64, device=device)
+    return ((idx + 0.5) * target / size - 0.5).clamp(0, target - 1).float()
 
 
 def patchify(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:

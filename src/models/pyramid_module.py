@@ -13,13 +13,23 @@ from typing import Any
 import lightning as L
 import torch
 
-from src.flow.pyramid import PyramidPath, column_plan, per_sample_mse
+from src.flow.pyramid import PyramidPath, column_plan, data_pyramid, per_sample_mse
 from src.flow.schedules import build_stage_schedule, sample_ratios
+from src.flow.temporal import (
+    build_history,
+    check_compression,
+    corrupt_history,
+    frame_positions,
+)
 from src.models.autoencoders import build_autoencoder
 from src.models.dit import PyramidDiT
 from src.models.text_encoders import TextEncoder, TextFeatures, build_text_encoder
-from src.sampling.guidance import guided_velocity
+from src.sampling.autoregressive import AutoregressiveSampler
+from src.sampling.guidance import cfg_combine, guided_velocity
 from src.sampling.pyramid_sampler import PyramidSampler
+
+TEMPORAL_MODES = ("full_sequence", "autoregressive")
+FULL_SEQUENCE = {"mode": "full_sequence", "compression": 1, "corrupt_ratio": 0.0}
 
 
 def packed_pyramid_loss(
@@ -57,6 +67,57 @@ def packed_pyramid_loss(
     return losses, per_stage
 
 
+def packed_autoregressive_loss(
+    net: PyramidDiT,
+    path: PyramidPath,
+    ratios: list[int],
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    r: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    pooled: torch.Tensor,
+    positions: tuple[int, int],
+    compression: int,
+    history_sigma: torch.Tensor,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Temporal-pyramid training (spec 4.2 - 4.5): one trainable frame per column.
+
+    positions: (frame of the full-resolution columns, frame of the lower-stage columns), see
+    `frame_positions`. Each column denoises its frame at its stage with the clean-latent
+    history of the temporal-pyramid rule, noised by history_sigma (B,); the loss covers the
+    current frame's tokens only. Returns the (B,) losses and the mean loss of every stage.
+    """
+    plan = column_plan(latents.shape[0], ratios)
+    top = path.num_stages - 1
+    levels = data_pyramid(latents, path.num_stages)  # clean history source
+    samples, histories = [], []
+    for stage, idx in plan:
+        u = positions[0] if stage == top else positions[1]
+        frame = slice(u, u + 1)
+        x_u, n_u = latents[idx][:, :, frame], noise[idx][:, :, frame]
+        samples.append(path.sample(x_u, n_u, stage, r[idx]))
+        hist = build_history([lv[idx] for lv in levels], u, stage, compression)
+        histories.append(corrupt_history(hist, history_sigma[idx]))
+    preds = net.forward_packed(
+        [s.x_t for s in samples],
+        [s.timestep.float() for s in samples],
+        [tokens[idx] for _, idx in plan],
+        [mask[idx] for _, idx in plan],
+        [pooled[idx] for _, idx in plan],
+        histories,
+        causal=True,
+    )
+    losses = torch.zeros(latents.shape[0], device=latents.device)
+    for (_, idx), s, pred in zip(plan, samples, preds):
+        losses[idx] = per_sample_mse(pred, s.target)
+    per_stage = {
+        st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
+        for st in sorted({s for s, _ in plan})
+    }
+    return losses, per_stage
+
+
 class PyramidFlowModule(L.LightningModule):
     def __init__(
         self,
@@ -70,9 +131,18 @@ class PyramidFlowModule(L.LightningModule):
         cfg_dropout: float = 0.1,
         val_seed: int = 1234,
         sample_posterior: bool = True,
+        temporal: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.temporal = {**FULL_SEQUENCE, **(temporal or {})}
+        if self.temporal["mode"] not in TEMPORAL_MODES:
+            raise ValueError(
+                f"temporal.mode={self.temporal['mode']!r} is unknown; fix: one of "
+                f"{list(TEMPORAL_MODES)}"
+            )
+        check_compression(self.temporal["compression"])
+        self._train_batches = 0  # cycles the trained frame positions (autoregressive)
         self.net: PyramidDiT | None = None
         self.autoencoder = build_autoencoder(**autoencoder)
         self.autoencoder.requires_grad_(False)
@@ -90,6 +160,10 @@ class PyramidFlowModule(L.LightningModule):
         self.latent_shape = self.autoencoder.latent_shape(
             video["num_frames"], video["height"], video["width"]
         )
+
+    @property
+    def autoregressive(self) -> bool:
+        return self.temporal["mode"] == "autoregressive"
 
     # ----------------------------------------------------------------------------- building
     @property
@@ -207,6 +281,30 @@ class PyramidFlowModule(L.LightningModule):
             feats.pooled,
         )
 
+    def autoregressive_loss(
+        self,
+        latents: torch.Tensor,
+        feats: TextFeatures,
+        noise: torch.Tensor,
+        r: torch.Tensor,
+        positions: tuple[int, int],
+        history_sigma: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return packed_autoregressive_loss(
+            self.net,
+            self.path,
+            self.hparams.pyramid["stage_sample_ratios"],
+            latents,
+            noise,
+            r,
+            feats.tokens,
+            feats.mask,
+            feats.pooled,
+            positions,
+            self.temporal["compression"],
+            history_sigma,
+        )
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.batch_latents(batch)
         b = latents.shape[0]
@@ -214,7 +312,18 @@ class PyramidFlowModule(L.LightningModule):
         feats = self.batch_text(batch, drop)
         noise = torch.randn_like(latents)
         r = sample_ratios(b).to(self.device)
-        losses, per_stage = self.pyramid_loss(latents, feats, noise, r)
+        if self.autoregressive:
+            trainer = self._trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            positions = frame_positions(self._train_batches, rank, world, latents.shape[2])
+            self._train_batches += 1
+            sigma_c = torch.rand(b, device=self.device) * self.temporal["corrupt_ratio"]
+            losses, per_stage = self.autoregressive_loss(
+                latents, feats, noise, r, positions, sigma_c
+            )
+            self.log("train/frame_high", float(positions[0]), batch_size=b)
+        else:
+            losses, per_stage = self.pyramid_loss(latents, feats, noise, r)
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         for st, v in per_stage.items():
@@ -229,6 +338,9 @@ class PyramidFlowModule(L.LightningModule):
         noise = torch.randn(latents.shape, generator=g).to(latents)
         r = ((torch.arange(b, dtype=torch.float64) + 0.5) / b).to(self.device)
         feats = self.batch_text(batch)
+        if self.autoregressive:
+            self._validate_frames(latents, noise, r, feats)
+            return
         stage_losses = []
         for stage in range(self.schedule.num_stages):
             s = self.path.sample(latents, noise, stage, r)
@@ -243,46 +355,182 @@ class PyramidFlowModule(L.LightningModule):
             sync_dist=True,
         )
 
+    def _validate_frames(self, latents, noise, r, feats) -> None:
+        """Autoregressive validation: every stage x every frame position, clean history."""
+        b, t, k = latents.shape[0], latents.shape[2], self.schedule.num_stages
+        zero = torch.zeros(b, device=self.device)
+        table = torch.zeros(k, t)
+        for stage in range(k):
+            ratios = [int(st == stage) for st in range(k)]
+            for u in range(t):  # positions (u, u): every column is this stage at frame u
+                losses, _ = packed_autoregressive_loss(
+                    self.net,
+                    self.path,
+                    ratios,
+                    latents,
+                    noise,
+                    r,
+                    feats.tokens,
+                    feats.mask,
+                    feats.pooled,
+                    (u, u),
+                    self.temporal["compression"],
+                    zero,
+                )
+                table[stage, u] = losses.mean()
+        for stage in range(k):
+            self.log(f"val/loss_stage{stage}", table[stage].mean(), batch_size=b, sync_dist=True)
+        for u in range(t):
+            self.log(f"val/loss_frame{u}", table[:, u].mean(), batch_size=b, sync_dist=True)
+        self.log("val/loss", table.mean(), prog_bar=True, batch_size=b, sync_dist=True)
+
     # ----------------------------------------------------------------------------- sampling
+    def latent_frames(self, num_frames: int | None) -> tuple[int, ...]:
+        """Latent shape (C, t, h, w) for `num_frames` video frames (None: the trained clip)."""
+        v = self.hparams.video
+        if num_frames is None:
+            return self.latent_shape
+        if num_frames > v["num_frames"]:
+            raise ValueError(
+                f"num_frames={num_frames} exceeds the {v['num_frames']} frames "
+                f"({self.latent_shape[1]} latent frames) this model was trained on, so later "
+                f"frame positions were never trained; fix: num_frames<={v['num_frames']}"
+            )
+        return self.autoencoder.latent_shape(num_frames, v["height"], v["width"])
+
     @torch.no_grad()
-    def generate(
+    def encode_init(self, video: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """Clean normalised latents of a given image/clip (B, 3, n, H, W) in [-1, 1]."""
+        v = self.hparams.video
+        if tuple(video.shape[-2:]) != (v["height"], v["width"]):
+            raise ValueError(
+                f"init image/video is {video.shape[-1]}x{video.shape[-2]} (WxH) but the model "
+                f"generates {v['width']}x{v['height']}; fix: resize or crop it to that size"
+            )
+        ft = self.autoencoder.temporal_factor
+        if (video.shape[2] - 1) % ft:
+            raise ValueError(
+                f"the init video has {video.shape[2]} frames; the causal autoencoder needs "
+                f"1 + k*{ft} (the first frame alone, then groups of {ft}); fix: trim it to "
+                f"{1 + (video.shape[2] - 1) // ft * ft} frames"
+            )
+        lat = self.autoencoder.encode(video.float().to(self.device), sample=False)
+        if lat.shape[2] >= latent_frames:
+            raise ValueError(
+                f"the init video has {video.shape[2]} frames ({lat.shape[2]} latent frames), "
+                f"leaving none of the {latent_frames} latent frames to generate; fix: a "
+                "shorter init video or more num_frames"
+            )
+        return lat
+
+    @torch.no_grad()
+    def generate_latents(
         self,
         prompts: list[str],
         seed: int = 0,
         steps: list[int] | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
+        num_frames: int | None = None,
+        init_video: torch.Tensor | None = None,
+        video_steps: list[int] | None = None,
+        video_guidance_scale: float | None = None,
+        kv_cache: bool | None = None,
     ) -> torch.Tensor:
-        """Text-to-video: prompts -> videos (B, 3, T, H, W) in [-1, 1]; noise seeded per prompt."""
+        """Text-to-video latents (B, C, t, h, w); noise seeded per prompt (seed + i).
+
+        Autoregressive models generate frame by frame (first frame with `steps` and
+        `guidance_scale`, later ones with `video_steps` and `video_guidance_scale`), optionally
+        continuing `init_video` (B or 1, 3, n, H, W) in [-1, 1]: one frame is image-to-video.
+        """
         cfg = self.hparams.sampling
         steps = list(steps if steps is not None else cfg["steps"])
         w = cfg["guidance_scale"] if guidance_scale is None else guidance_scale
         neg = cfg["negative_prompt"] if negative_prompt is None else negative_prompt
+        shape = self.latent_frames(num_frames)
         noise = torch.stack(
             [
                 torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed + i))
                 for i in range(len(prompts))
             ]
-        ).to(self.device)
+        )[:, :, : shape[1]].to(self.device)  # a shorter video is a prefix of the longer one
         cond = self.text_features([p + cfg.get("prompt_suffix", "") for p in prompts])
-        if w > 0:
-            unc = self.text_features([neg] * len(prompts))
-            both = TextFeatures.cat([unc, cond])
-            fn = guided_velocity(
-                lambda z, t, st: self.net(z, t, both.tokens, both.mask, both.pooled), w
-            )
-        else:
-            fn = lambda z, t, st: self.net(z, t, cond.tokens, cond.mask, cond.pooled)
-        sampler = PyramidSampler(self.schedule, steps, ratio_grid=cfg.get("ratio_grid", "uniform"))
+        unc = self.text_features([neg] * len(prompts))
         # jump noise from one generator per prompt: a video does not depend on its batch
         gens = [
             torch.Generator(device=self.device).manual_seed(seed + i + 10_007)
             for i in range(len(prompts))
         ]
+        grid = cfg.get("ratio_grid", "uniform")
         was_training = self.net.training
         self.net.eval()
-        latents = sampler.sample(noise, fn, generator=gens)
-        self.net.train(was_training)
+        try:
+            if not self.autoregressive:
+                if init_video is not None:
+                    raise ValueError(
+                        "init_image/init_video need an autoregressive model "
+                        "(temporal=autoregressive); this one was trained with "
+                        f"temporal.mode={self.temporal['mode']}"
+                    )
+                both = TextFeatures.cat([unc, cond])
+                if w > 0:
+                    fn = guided_velocity(
+                        lambda z, t, st: self.net(z, t, both.tokens, both.mask, both.pooled), w
+                    )
+                else:
+                    fn = lambda z, t, st: self.net(z, t, cond.tokens, cond.mask, cond.pooled)
+                return PyramidSampler(self.schedule, steps, grid).sample(noise, fn, gens)
+            init = None
+            if init_video is not None:
+                init = self.encode_init(init_video, shape[1]).expand(len(prompts), -1, -1, -1, -1)
+            sampler = AutoregressiveSampler(
+                self.schedule,
+                steps,
+                list(video_steps if video_steps is not None else cfg.get("video_steps", steps)),
+                self.temporal["compression"],
+                grid,
+            )
+            w_vid = cfg.get("video_guidance_scale", w)
+            w_vid = w_vid if video_guidance_scale is None else video_guidance_scale
+            cache = cfg.get("kv_cache", False) if kv_cache is None else kv_cache
+            make = self._frame_velocity(cond, unc, w, w_vid, cache, shape[2:])
+            return sampler.sample(noise, make, gens, init_latents=init)
+        finally:
+            self.net.train(was_training)
+
+    def _frame_velocity(self, cond, unc, w_img, w_vid, kv_cache, full_hw):
+        """make_velocity(frame, stage, history) for the autoregressive sampler (CFG per frame,
+        optional key/value cache of text + history)."""
+        k = self.schedule.num_stages
+
+        def make(u: int, stage: int, hist: list[torch.Tensor]):
+            w = w_img if u == 0 else w_vid
+            feats = TextFeatures.cat([unc, cond]) if w > 0 else cond
+            rep = 2 if w > 0 else 1
+            hist = [h.repeat(rep, 1, 1, 1, 1) for h in hist]
+            if kv_cache and hist:
+                grid = tuple(s // 2 ** (k - 1 - stage) for s in full_hw)
+                kv = self.net.encode_prefix(hist, feats.tokens, feats.mask, feats.pooled, grid)
+                run = lambda z, t: self.net.forward_cached(z, t, kv)
+            else:
+                run = lambda z, t: self.net(
+                    z, t, feats.tokens, feats.mask, feats.pooled, history=hist, causal=True
+                )
+            if rep == 1:
+                return run
+
+            def guided(z, t):
+                v_u, v_c = run(torch.cat([z, z]), torch.cat([t, t])).chunk(2)
+                return cfg_combine(v_u, v_c, w)
+
+            return guided
+
+        return make
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, **kwargs) -> torch.Tensor:
+        """Text-to-video: prompts -> videos (B, 3, T, H, W) in [-1, 1]; see generate_latents."""
+        latents = self.generate_latents(prompts, seed=seed, **kwargs)
         return self.autoencoder.decode(latents.float()).clamp(-1, 1)
 
     # ----------------------------------------------------------------------------- optimiser

@@ -86,6 +86,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     backend = net.get("attn_backend", "sdpa")
     if backend not in ("sdpa", "sdpa_segments"):
         out.append(f"model.net.attn_backend={backend} is unknown; fix: sdpa or sdpa_segments")
+    out += _temporal_problems(cfg)
     ckpt_file = ae.get("checkpoint")
     if ckpt_file not in (None, "???") and not Path(str(ckpt_file)).is_file():
         out.append(
@@ -93,6 +94,35 @@ def config_problems(cfg: DictConfig) -> list[str]:
             "digits VAE, or point it at an exported .safetensors file"
         )
     return out + _ckpt_problems(cfg)
+
+
+def _temporal_problems(cfg: DictConfig) -> list[str]:
+    """The temporal group and the sampling options that depend on it."""
+    tp, smp, k, out = cfg.temporal, cfg.sampling, int(cfg.pyramid.num_stages), []
+    if tp.mode not in ("full_sequence", "autoregressive"):
+        out.append(f"temporal.mode={tp.mode} is unknown; fix: full_sequence or autoregressive")
+    c = tp.compression
+    if not isinstance(c, int) or c < 1:
+        out.append(f"temporal.compression={c} must be an integer >= 1; fix: 2 (the paper's rule)")
+    if not 0 <= float(tp.corrupt_ratio) < 1:
+        out.append(
+            f"temporal.corrupt_ratio={tp.corrupt_ratio} must lie in [0, 1) (history noise "
+            "sigma_c ~ U[0, corrupt_ratio)); fix: temporal.corrupt_ratio=0.3333333333"
+        )
+    if tp.history_timestep not in ("current", "clean"):
+        out.append(
+            f"temporal.history_timestep={tp.history_timestep} is unknown; fix: current or clean"
+        )
+    if smp.get("kv_cache") and (tp.mode != "autoregressive" or tp.history_timestep != "clean"):
+        out.append(
+            f"sampling.kv_cache=true needs temporal.mode=autoregressive and "
+            f"temporal.history_timestep=clean (got {tp.mode} / {tp.history_timestep}); fix: "
+            "sampling.kv_cache=false or train with temporal.history_timestep=clean"
+        )
+    vs = smp.get("video_steps")
+    if vs is not None and len(vs) != k:
+        out.append(f"sampling.video_steps={list(vs)} needs {k} entries (one per stage)")
+    return out
 
 
 def _ckpt_problems(cfg: DictConfig) -> list[str]:
