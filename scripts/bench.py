@@ -7,7 +7,10 @@ Prints one table and writes it to docs/benchmarks.md (with the machine and torch
 - bf16-mixed vs fp32 training step on this CPU;
 - corrective block-noise sampling: vectorised closed form vs a per-block loop;
 - the digits causal VAE: encode/decode videos/s on this CPU, and the training step with
-  on-the-fly VAE encoding vs pre-extracted latents (src/extract.py), same DiT and batch.
+  on-the-fly VAE encoding vs pre-extracted latents (src/extract.py), same DiT and batch;
+- the temporal pyramid (K = 3): video tokens per training sample, training samples/s and
+  sampling s/video for full_sequence vs autoregressive with compression 1 and 2, KV-cached vs
+  uncached sampling, and a second table of per-frame sampling cost against history length.
 """
 
 from __future__ import annotations
@@ -22,12 +25,24 @@ import torch
 
 from src.flow.pyramid import PyramidPath, block_noise, column_plan
 from src.flow.schedules import build_stage_schedule, sample_ratios
+from src.flow.temporal import frame_positions
 from src.models.dit import PyramidDiT
-from src.models.pyramid_module import packed_pyramid_loss
+from src.models.pyramid_module import (
+    frame_velocity_factory,
+    packed_autoregressive_loss,
+    packed_pyramid_loss,
+)
 from src.models.registry import DIT_PRESETS
+from src.models.text_encoders import TextFeatures
 from src.models.vae.causal_vae import CausalVideoAutoencoder
+from src.sampling.autoregressive import AutoregressiveSampler
 from src.sampling.pyramid_sampler import PyramidSampler
-from src.utils.flops import dit_forward_flops, pyramid_tokens_per_stage
+from src.utils.flops import (
+    autoregressive_tokens_per_column,
+    cached_forward_flops,
+    dit_forward_flops,
+    pyramid_tokens_per_stage,
+)
 
 STAGES = {1: ([0.0, 1.0], [1]), 3: ([0.0, 1 / 3, 2 / 3, 1.0], [1, 2, 1])}
 
@@ -193,6 +208,196 @@ def vae_rows(args) -> list[tuple[str, ...]]:
     ]
 
 
+class TemporalSetup(Setup):
+    """K = 3 with `frames` latent frames: full-sequence (compression None) or autoregressive."""
+
+    def __init__(self, args, compression: int | None, history_timestep: str = "current"):
+        c, _, h, w = args.latent
+        super().__init__(
+            argparse.Namespace(**{**vars(args), "latent": [c, args.ar_frames, h, w]}), 3
+        )
+        self.compression = compression
+        if history_timestep != "current":
+            torch.manual_seed(0)
+            self.net = PyramidDiT(**self.net_cfg, history_timestep=history_timestep)
+            self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
+        self.cols = [s for s, _ in column_plan(len(self.ratios) * 4, self.ratios)]
+        self.per_frame = pyramid_tokens_per_stage(1, h, w, 2, 3)
+        self.step_idx = 0
+
+    def token_table(self) -> list[list[int]]:
+        return autoregressive_tokens_per_column(
+            self.lat.shape[2], self.per_frame, self.cols, self.compression
+        )
+
+    def tokens_per_sample(self) -> float:
+        rows = self.token_table()
+        return sum(map(sum, rows)) / (len(rows) * len(self.cols))
+
+    def predicted_train_flops_per_sample(self) -> float:
+        per = [
+            dit_forward_flops(
+                [n], self.args.text_len, in_features=4 * self.lat.shape[1], **self.net_cfg
+            )
+            for row in self.token_table()
+            for n in row
+        ]
+        return 3.0 * sum(per) / len(per)
+
+    def train_step(self, dtype: torch.dtype | None) -> None:
+        if self.compression is None:
+            return super().train_step(dtype)
+        b = self.lat.shape[0]
+        pos = frame_positions(self.step_idx, 0, 1, self.lat.shape[2])
+        self.step_idx += 1
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses, _ = packed_autoregressive_loss(
+                self.net,
+                self.path,
+                self.ratios,
+                self.lat,
+                torch.randn_like(self.lat),
+                sample_ratios(b),
+                self.ctx,
+                self.mask,
+                self.pooled,
+                pos,
+                self.compression,
+                torch.rand(b) / 3,
+            )
+            loss = losses.mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def sample_ar(
+        self,
+        n: int,
+        steps: list[int],
+        kv_cache: bool,
+        frames: int | None = None,
+        init: torch.Tensor | None = None,
+    ) -> None:
+        """Autoregressive sampling of `n` videos (no guidance), optionally only the frames
+        after `init` (B, C, u, H, W) up to `frames`."""
+        feats = TextFeatures(
+            self.ctx[:1].expand(n, -1, -1),
+            self.mask[:1].expand(n, -1),
+            self.pooled[:1].expand(n, -1),
+        )
+        make = frame_velocity_factory(self.net, feats, feats, 0.0, 0.0, kv_cache)
+        sampler = AutoregressiveSampler(self.schedule, steps, steps, self.compression)
+        t = frames or self.lat.shape[2]
+        self.net.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sampler.sample(
+                torch.randn(n, self.lat.shape[1], t, *self.lat.shape[3:]), make, init_latents=init
+            )
+        self.net.train()
+
+    def predicted_frame_flops(self, u: int, steps: list[int], kv_cache: bool) -> float:
+        """Sampling FLOPs of frame u (all stages) without guidance."""
+        from src.flow.temporal import sequence_tokens
+
+        total, kw = 0.0, dict(in_features=4 * self.lat.shape[1], **self.net_cfg)
+        for stage, n in enumerate(steps):
+            hist, cur = sequence_tokens(u, stage, self.compression, self.per_frame[-1], 3)
+            if kv_cache and u > 0:
+                total += dit_forward_flops([hist], self.args.text_len, **kw)  # once per stage
+                total += n * cached_forward_flops(hist + self.args.text_len, cur, **kw)
+            else:
+                total += n * dit_forward_flops([hist + cur], self.args.text_len, **kw)
+        return total
+
+
+def temporal_rows(args) -> tuple[list[tuple[str, ...]], str]:
+    """Temporal pyramid rows of the main table, and the per-frame cost table."""
+    bf16, rows, t = torch.bfloat16, [], args.ar_frames
+    full = TemporalSetup(args, None)
+    c1, c2 = TemporalSetup(args, 1), TemporalSetup(args, 2)
+    c2clean = TemporalSetup(args, 2, "clean")
+    base_tok = full.tokens_per_sample()
+    for name, m in (("compression 1", c1), ("compression 2", c2)):
+        rows.append(
+            (
+                f"video tokens / training sample, {t} latent frames: full_sequence vs "
+                f"autoregressive {name}",
+                f"{base_tok:.0f}",
+                f"{m.tokens_per_sample():.0f}",
+                f"{base_tok / m.tokens_per_sample():.2f}x fewer",
+                "-",
+            )
+        )
+    tf = timeit(lambda: full.train_step(bf16), args.repeats)
+    for name, m in (("compression 1", c1), ("compression 2", c2)):
+        ta = timeit(lambda m=m: m.train_step(bf16), max(args.repeats, t))  # >= one cycle
+        pred = full.predicted_train_flops_per_sample() / m.predicted_train_flops_per_sample()
+        rows.append(
+            (
+                f"training samples/s, batch {args.batch}, {t} latent frames: full_sequence vs "
+                f"autoregressive {name}",
+                f"{args.batch / tf:.1f}",
+                f"{args.batch / ta:.1f}",
+                f"{tf / ta:.2f}x",
+                f"{pred:.2f}x",
+            )
+        )
+    n, nv = [args.steps] * 3, args.sample_batch
+    reps = max(1, args.repeats // 3)
+    t_full = timeit(lambda: full.sample_videos(n, bf16, nv), reps, 1) / nv
+    timings = {}
+    for name, m, cache in (
+        ("compression 1", c1, False),
+        ("compression 2", c2, False),
+        ("compression 2 + KV cache", c2clean, True),
+    ):
+        timings[name] = timeit(lambda m=m, c=cache: m.sample_ar(nv, n, c), reps, 1) / nv
+        rows.append(
+            (
+                f"sampling s/video, {t} latent frames, {n} steps: full_sequence vs "
+                f"autoregressive {name}",
+                f"{t_full:.3f}",
+                f"{timings[name]:.3f}",
+                f"{t_full / timings[name]:.2f}x faster",
+                "-",
+            )
+        )
+    pred = sum(c2.predicted_frame_flops(u, n, False) for u in range(t)) / sum(
+        c2.predicted_frame_flops(u, n, True) for u in range(t)
+    )
+    base, ours = timings["compression 2"], timings["compression 2 + KV cache"]
+    rows.append(
+        (
+            "sampling s/video, autoregressive compression 2: uncached vs KV cache "
+            "(history_timestep=clean)",
+            f"{base:.3f}",
+            f"{ours:.3f}",
+            f"{base / ours:.2f}x faster",
+            f"{pred:.2f}x",
+        )
+    )
+    # per-frame cost against history length: generate only frame u after u given frames
+    lines = [
+        "| frame u (history frames) | compression 1 s | compression 2 s | compression 2 + "
+        "KV cache s | cache speed-up (predicted) |",
+        "|---|---|---|---|---|",
+    ]
+    for u in sorted({0, 1, 2, t // 4, t // 2, t - 1}):
+        per = []
+        for m, cache in ((c1, False), (c2, False), (c2clean, True)):
+            init = torch.randn(nv, m.lat.shape[1], u, *m.lat.shape[3:]) if u else None
+            per.append(
+                timeit(lambda m=m, c=cache, i=init, f=u + 1: m.sample_ar(nv, n, c, f, i), reps, 1)
+                / nv
+            )
+        pred = c2.predicted_frame_flops(u, n, False) / c2.predicted_frame_flops(u, n, True)
+        lines.append(
+            f"| {u} | {per[0]:.4f} | {per[1]:.4f} | {per[2]:.4f} | "
+            f"{per[1] / per[2]:.2f}x ({pred:.2f}x) |"
+        )
+    return rows, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="dit_s")
@@ -204,6 +409,7 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8, help="n: stages_3 uses [n,n,n], stages_1 3n")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ar-frames", type=int, default=8, help="latent frames, temporal rows")
     ap.add_argument("--out", default="docs/benchmarks.md")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -273,6 +479,9 @@ def main() -> None:
     )
 
     rows += vae_rows(args)
+    args.batch = args.batches[0]
+    ar_rows, frame_table = temporal_rows(args)
+    rows += ar_rows
 
     header = (
         "| measurement | K=1 (flat) / baseline | K=3 (pyramid) / ours | measured "
@@ -286,11 +495,17 @@ def main() -> None:
         f"text tokens={args.text_len}, median of {args.repeats}."
     )
     table = "\n".join(lines)
+    frames = (
+        f"Per-frame sampling cost against history length ({args.ar_frames} latent frames, "
+        f"batch {args.sample_batch}, [{args.steps}]*3 steps, no guidance; s per video):\n\n"
+        f"{frame_table}"
+    )
     print(env)
     print(table)
+    print(frames)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Benchmarks (`make bench`)\n\n{env}\n\n{table}\n")
+    out.write_text(f"# Benchmarks (`make bench`)\n\n{env}\n\n{table}\n\n{frames}\n")
     print(f"wrote {out}")
 
 

@@ -333,3 +333,17 @@ def test_sample_cli_image_to_video_and_records(ar_ckpt, tmp_path):
     cfg.init_video = cfg.init_image
     with pytest.raises(ValueError, match="both set"):
         sample(cfg)
+
+
+def test_training_token_accounting_per_position():
+    from src.utils.flops import autoregressive_tokens_per_column
+
+    per_frame, cols = [4, 16, 64], [0, 1, 1, 2]
+    full = autoregressive_tokens_per_column(5, per_frame, cols, None)
+    assert full == [[20, 80, 80, 320]]
+    c1 = autoregressive_tokens_per_column(5, per_frame, cols, 1)
+    assert c1[0] == [20, 80, 80, 64]  # p = 0: full-res frame 0 alone, coarse columns frame 4
+    assert c1[4] == [4, 16, 16, 320]
+    c2 = autoregressive_tokens_per_column(5, per_frame, cols, 2)
+    assert c2[4] == [4, 16, 16, 4 * 2 + 16 + 64 + 64]  # 0-1 @1/4, 2 @1/2, 3 @1, current
+    assert all(sum(a) <= sum(b) for a, b in zip(c2, c1))

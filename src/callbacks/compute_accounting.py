@@ -13,8 +13,11 @@ import lightning as L
 import torch
 
 from src.flow.pyramid import stage_columns
-from src.flow.temporal import sequence_tokens
-from src.utils.flops import dit_forward_flops, pyramid_tokens_per_stage
+from src.utils.flops import (
+    autoregressive_tokens_per_column,
+    dit_forward_flops,
+    pyramid_tokens_per_stage,
+)
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, n: int = 1024, reps: int = 5) -> float:
@@ -28,25 +31,15 @@ def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, n: int = 1024, reps:
 
 
 def training_tokens_per_column(module: L.LightningModule) -> list[list[int]]:
-    """Video tokens of every stage column (incl. history) for each trained frame position.
-
-    Full-sequence: one position with all latent frames. Autoregressive: T positions (the
-    cycle of `frame_positions`), the full-resolution columns at frame p with its compressed
-    history, the lower-stage columns at frame T - 1 - p.
-    """
+    """Video tokens of every stage column (incl. history) for each trained frame position."""
     hp, k = module.hparams, module.schedule.num_stages
     _, t, h, w = module.latent_shape
-    tokens = pyramid_tokens_per_stage(t, h, w, hp.net["patch_size"], k)
+    per_frame = pyramid_tokens_per_stage(1, h, w, hp.net["patch_size"], k)
     cols = stage_columns(hp.pyramid["stage_sample_ratios"])
-    if not getattr(module, "autoregressive", False):
-        return [[tokens[s] for s in cols]]
-    full, c = tokens[-1] // t, module.temporal["compression"]
-    rows = []
-    for p in range(t):
-        rows.append(
-            [sum(sequence_tokens(p if s == k - 1 else t - 1 - p, s, c, full, k)) for s in cols]
-        )
-    return rows
+    ar = getattr(module, "autoregressive", False)
+    return autoregressive_tokens_per_column(
+        t, per_frame, cols, module.temporal["compression"] if ar else None
+    )
 
 
 def training_flops_per_sample(module: L.LightningModule) -> tuple[float, list[int]]:

@@ -118,6 +118,43 @@ def packed_autoregressive_loss(
     return losses, per_stage
 
 
+def frame_velocity_factory(
+    net: PyramidDiT,
+    cond: TextFeatures,
+    unc: TextFeatures,
+    w_image: float,
+    w_video: float,
+    kv_cache: bool,
+):
+    """make_velocity(frame, stage, history) for `AutoregressiveSampler`: classifier-free
+    guidance with w_image on frame 0 and w_video later (off when <= 0), and with `kv_cache`
+    the text + history keys/values computed once per (frame, stage) and reused by every step."""
+
+    def make(u: int, stage: int, hist: list[torch.Tensor]):
+        w = w_image if u == 0 else w_video
+        feats = TextFeatures.cat([unc, cond]) if w > 0 else cond
+        rep = 2 if w > 0 else 1
+        hist = [h.repeat(rep, 1, 1, 1, 1) for h in hist]
+        if kv_cache and hist:
+            grid = tuple(hist[-1].shape[3:])  # frame u-1 is always at the stage's resolution
+            kv = net.encode_prefix(hist, feats.tokens, feats.mask, feats.pooled, grid)
+            run = lambda z, t: net.forward_cached(z, t, kv)
+        else:
+            run = lambda z, t: net(
+                z, t, feats.tokens, feats.mask, feats.pooled, history=hist, causal=True
+            )
+        if rep == 1:
+            return run
+
+        def guided(z, t):
+            v_u, v_c = run(torch.cat([z, z]), torch.cat([t, t])).chunk(2)
+            return cfg_combine(v_u, v_c, w)
+
+        return guided
+
+    return make
+
+
 class PyramidFlowModule(L.LightningModule):
     def __init__(
         self,
@@ -493,39 +530,10 @@ class PyramidFlowModule(L.LightningModule):
             w_vid = cfg.get("video_guidance_scale", w)
             w_vid = w_vid if video_guidance_scale is None else video_guidance_scale
             cache = cfg.get("kv_cache", False) if kv_cache is None else kv_cache
-            make = self._frame_velocity(cond, unc, w, w_vid, cache, shape[2:])
+            make = frame_velocity_factory(self.net, cond, unc, w, w_vid, cache)
             return sampler.sample(noise, make, gens, init_latents=init)
         finally:
             self.net.train(was_training)
-
-    def _frame_velocity(self, cond, unc, w_img, w_vid, kv_cache, full_hw):
-        """make_velocity(frame, stage, history) for the autoregressive sampler (CFG per frame,
-        optional key/value cache of text + history)."""
-        k = self.schedule.num_stages
-
-        def make(u: int, stage: int, hist: list[torch.Tensor]):
-            w = w_img if u == 0 else w_vid
-            feats = TextFeatures.cat([unc, cond]) if w > 0 else cond
-            rep = 2 if w > 0 else 1
-            hist = [h.repeat(rep, 1, 1, 1, 1) for h in hist]
-            if kv_cache and hist:
-                grid = tuple(s // 2 ** (k - 1 - stage) for s in full_hw)
-                kv = self.net.encode_prefix(hist, feats.tokens, feats.mask, feats.pooled, grid)
-                run = lambda z, t: self.net.forward_cached(z, t, kv)
-            else:
-                run = lambda z, t: self.net(
-                    z, t, feats.tokens, feats.mask, feats.pooled, history=hist, causal=True
-                )
-            if rep == 1:
-                return run
-
-            def guided(z, t):
-                v_u, v_c = run(torch.cat([z, z]), torch.cat([t, t])).chunk(2)
-                return cfg_combine(v_u, v_c, w)
-
-            return guided
-
-        return make
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, **kwargs) -> torch.Tensor:

@@ -53,3 +53,50 @@ def pyramid_tokens_per_stage(
         f = 2 ** (num_stages - 1 - i)
         out.append(latent_t * (latent_h // f // patch) * (latent_w // f // patch))
     return out
+
+
+def cached_forward_flops(
+    prefix_tokens: int,
+    current_tokens: int,
+    hidden_size: int,
+    depth_double: int,
+    depth_single: int,
+    in_features: int,
+    mlp_ratio: float = 4.0,
+    **_,
+) -> float:
+    """FLOPs of one `forward_cached` step: the current tokens' weights and their attention over
+    the cached prefix (text + history) and themselves; the prefix itself costs nothing here."""
+    d, n = hidden_size, current_tokens
+    dbl, sgl = block_linear_macs_per_token(d, mlp_ratio)
+    macs = (depth_double * dbl + depth_single * sgl) * n
+    macs += (depth_double + depth_single) * 2 * n * (prefix_tokens + n) * d
+    macs += 2 * n * in_features * d  # patch embedder + output linear
+    return 2.0 * macs
+
+
+def autoregressive_tokens_per_column(
+    latent_t: int,
+    stage_frame_tokens: list[int],
+    columns: list[int],
+    compression: int | None,
+) -> list[list[int]]:
+    """Video tokens of every stage column for each trained frame position (text excluded).
+
+    stage_frame_tokens: tokens of one latent frame at each stage (coarsest first).
+    compression None: full-sequence (one position, all frames jointly). Otherwise the
+    `frame_positions` cycle: full-resolution columns at frame p, lower stages at T - 1 - p.
+    """
+    from src.flow.temporal import sequence_tokens
+
+    k = len(stage_frame_tokens)
+    if compression is None:
+        return [[latent_t * stage_frame_tokens[s] for s in columns]]
+    full = stage_frame_tokens[-1]
+    return [
+        [
+            sum(sequence_tokens(p if s == k - 1 else latent_t - 1 - p, s, compression, full, k))
+            for s in columns
+        ]
+        for p in range(latent_t)
+    ]
