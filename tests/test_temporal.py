@@ -301,13 +301,21 @@ def test_bad_init_inputs_stop_with_a_clear_message(ar_ckpt, kwargs, message):
 
 
 def test_sample_cli_image_to_video_and_records(ar_ckpt, tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
     from omegaconf import OmegaConf
 
     from src.data.video_io import read_mp4, write_mp4
-    from src.sample import sample
+    from src.sample import read_init, sample
 
-    frame = torch.rand(3, 1, 32, 32) * 2 - 1
-    write_mp4(tmp_path / "init.mp4", frame, fps=8)  # a one-frame clip is an image
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    plt.imsave(tmp_path / "init.png", pixels)
+    image, _ = read_init(OmegaConf.create({"init_image": str(tmp_path / "init.png")}))
+    assert image.shape == (1, 3, 1, 32, 32)  # PNG decoded losslessly by PyAV
+    assert torch.equal(
+        ((image[0, :, 0] + 1) * 127.5).round().byte().permute(1, 2, 0), torch.from_numpy(pixels)
+    )
+    write_mp4(tmp_path / "clip.mp4", torch.rand(3, 5, 32, 32) * 2 - 1, fps=8)
     (tmp_path / "p.txt").write_text("a red digit 3 moving right\n")
     cfg = OmegaConf.create(
         {
@@ -322,7 +330,7 @@ def test_sample_cli_image_to_video_and_records(ar_ckpt, tmp_path):
             "negative_prompt": None,
             "video_steps": [1, 1],
             "kv_cache": True,
-            "init_image": str(tmp_path / "init.mp4"),
+            "init_image": str(tmp_path / "init.png"),
         }
     )
     sample(cfg)
@@ -330,7 +338,15 @@ def test_sample_cli_image_to_video_and_records(ar_ckpt, tmp_path):
     assert rows[0]["temporal"]["mode"] == "autoregressive" and rows[0]["init_frames"] == 1
     assert rows[0]["video_steps_per_stage"] == [1, 1] and rows[0]["kv_cache"] is True
     assert read_mp4(tmp_path / "v" / "0000.mp4").shape == (9, 32, 32, 3)
-    cfg.init_video = cfg.init_image
+    cfg.init_image, cfg.init_video, cfg.out_dir = (
+        None,
+        str(tmp_path / "clip.mp4"),
+        str(tmp_path / "c"),
+    )
+    sample(cfg)  # continuation of a 5-frame clip (2 latent frames) to 9 frames
+    rows = [json.loads(ln) for ln in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["init_frames"] == 5 and rows[0]["frames"] == 9
+    cfg.init_image = str(tmp_path / "init.png")
     with pytest.raises(ValueError, match="both set"):
         sample(cfg)
 
