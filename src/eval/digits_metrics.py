@@ -1,4 +1,4 @@
-"""Model-free checks of generated moving-digits videos: colour and motion direction.
+"""Model-free checks of generated moving-digits videos: colour, motion direction, persistence.
 
 A first slice of the digits benchmark (digit identity needs a classifier and comes with
 `make eval`). Videos are uint8 (T, H, W, 3) as decoded from mp4.
@@ -54,6 +54,14 @@ def motion_direction(frames: np.ndarray) -> str | None:
     return max(DIRECTIONS, key=lambda d: DIRECTIONS[d][0] * vx + DIRECTIONS[d][1] * vy)
 
 
+def persistent(frames: np.ndarray, ratio: float = 0.5) -> bool:
+    """The object survives the whole clip: every frame's foreground area is at least `ratio` of
+    the largest (a digit keeps its size and never leaves the canvas in this world, so fading or
+    vanishing objects, a typical autoregressive drift, fail)."""
+    area = foreground(frames).reshape(len(frames), -1).sum(axis=1)
+    return bool(area.max() > 0 and area.min() >= ratio * area.max())
+
+
 def score_video(frames: np.ndarray, caption: str) -> dict[str, float]:
     """1.0/0.0 per check against the facts parsed from the caption."""
     facts = parse_caption(caption)
@@ -63,6 +71,7 @@ def score_video(frames: np.ndarray, caption: str) -> dict[str, float]:
     return {
         "color_acc": float(dominant_color(frames) == color),
         "direction_acc": float(motion_direction(frames) == direction),
+        "persistence": float(persistent(frames)),
     }
 
 
