@@ -58,7 +58,7 @@ smoke: $(STAMP) ## seconds-long tiny training run
 sample: $(STAMP) ## sample CKPT=... PROMPTS=... OUT=...
 	$(BIN)/python src/sample.py ckpt_path=$(CKPT) prompts_file=$(PROMPTS) out_dir=$(OUT) $(ARGS)
 
-bench: $(STAMP) ## measure speed ratios vs the flat K=1 baseline, write docs/benchmarks.md
+bench: $(STAMP) ## speed ratios (pyramid vs K=1, temporal pyramid vs full sequence), write docs/benchmarks.md
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 test: $(STAMP) ## CPU test suite (no network, no weights)
