@@ -8,7 +8,8 @@ checkpoint sha256).
 Autoregressive checkpoints also take init_image=PNG (image-to-video: the image becomes latent
 frame 0) or init_video=MP4 (continuation: its frames become history, the rest is generated),
 num_frames=N (at most the trained clip), video_steps / video_guidance_scale (frames after the
-first) and kv_cache=true (models trained with temporal.history_timestep=clean).
+first; `steps=`/`guidance_scale=` set the first frame only) and kv_cache=true (models trained
+with temporal.history_timestep=clean).
 """
 
 from __future__ import annotations

@@ -105,6 +105,7 @@ BAD = [
     (["temporal.history_timestep=zero"], "temporal.history_timestep=zero is unknown"),
     (["temporal=autoregressive", "sampling.kv_cache=true"], "sampling.kv_cache=true needs"),
     (["sampling.video_steps=[4,4]"], "sampling.video_steps=[4, 4] needs 3"),
+    (["temporal.history_timestep=clean"], "applies to temporal.mode=autoregressive only"),
 ]
 
 

@@ -102,8 +102,9 @@ def test_no_information_flows_backwards_in_time(backend):
     other = torch.randn(2, C, 1, 4, 4)  # a second packed segment (another stage column)
 
     def run(xx, causal=True):
+        h = [hist, None] if causal else None  # history is refused without the mask
         return net.forward_packed(
-            [xx, other], [t, t], [ctx, ctx], [mask, mask], [pooled, pooled], [hist, None], causal
+            [xx, other], [t, t], [ctx, ctx], [mask, mask], [pooled, pooled], h, causal
         )
 
     base, bumped = (
@@ -146,6 +147,16 @@ def test_first_frame_without_history_is_the_image_case():
 def test_kv_cache_is_refused_for_history_modulated_with_the_step_timestep():
     net = randomize(make_net(history_timestep="current"))
     ctx, mask, pooled = text(2)
+    with pytest.raises(ValueError, match="history needs causal=True"):
+        net(
+            torch.randn(2, C, 1, 8, 8),
+            torch.ones(2),
+            ctx,
+            mask,
+            pooled,
+            [torch.randn(2, C, 1, 8, 8)],
+            False,
+        )
     with pytest.raises(ValueError, match="history_timestep=clean"):
         net.encode_prefix([torch.randn(2, C, 1, 8, 8)], ctx, mask, pooled, (8, 8))
     # the two modes really differ: same weights, different history modulation
@@ -292,6 +303,8 @@ def test_image_to_video_keeps_frame_zero_and_continuation_keeps_history(ar_ckpt)
         ({"init_video": torch.zeros(1, 3, 3, 32, 32)}, r"has 3 frames; .* 1 \+ k\*4"),
         ({"init_video": torch.zeros(1, 3, 9, 32, 32)}, r"leaving none of the 3 latent frames"),
         ({"num_frames": 13}, r"num_frames=13 exceeds the 9 frames"),
+        ({"init_video": torch.zeros(1, 1, 1, 32, 32)}, r"expected \(B, 3, frames, H, W\)"),
+        ({"init_video": torch.zeros(3, 3, 1, 32, 32)}, r"init video batch 3 must be 1"),
     ],
 )
 def test_bad_init_inputs_stop_with_a_clear_message(ar_ckpt, kwargs, message):
@@ -363,3 +376,15 @@ def test_training_token_accounting_per_position():
     c2 = autoregressive_tokens_per_column(5, per_frame, cols, 2)
     assert c2[4] == [4, 16, 16, 4 * 2 + 16 + 64 + 64]  # 0-1 @1/4, 2 @1/2, 3 @1, current
     assert all(sum(a) <= sum(b) for a, b in zip(c2, c1))
+
+
+def test_options_the_model_cannot_honour_are_refused_before_sampling(ar_ckpt, tmp_path):
+    from src.models.checkpoint import load_module
+
+    module = load_module(ar_ckpt)
+    module.net.history_timestep = "current"  # as if trained with the reference modulation
+    with pytest.raises(ValueError, match="kv_cache=true needs a model trained with"):
+        module.generate_latents(["a red digit 3 moving right"], kv_cache=True)
+    module.temporal["mode"] = "full_sequence"  # a full-sequence model has no later frames
+    with pytest.raises(ValueError, match="video_steps, kv_cache need an autoregressive"):
+        module.generate_latents(["a"], video_steps=[1, 1], kv_cache=True)

@@ -90,6 +90,8 @@ def corrupt_history(
 ) -> list[torch.Tensor]:
     """Training-time history noise (spec 4.3): h <- sigma eps + (1 - sigma) h with fresh eps per
     chunk and one sigma (B,) per sample shared by all its chunks."""
+    if not bool((sigma > 0).any()):  # clean history: no draw (keeps the RNG stream)
+        return list(history)
     s = sigma.reshape(-1, 1, 1, 1, 1)
     out = []
     for h in history:

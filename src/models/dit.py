@@ -232,16 +232,17 @@ class PyramidDiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, timestep, context, context_mask, pooled, history=None, causal=False):
+    def forward(self, x, timestep, context, context_mask, pooled, history=None, causal=None):
         """One segment: x (B, C, T, H, W), timestep (B,), context (B, L, Dt), mask (B, L), pooled
-        (B, Dp), optional clean history chunks -> velocity (B, C, T, H, W)."""
+        (B, Dp), optional clean history chunks -> velocity (B, C, T, H, W). `causal` defaults
+        to True when history is given (history must never see the frame being denoised)."""
         hist = None if history is None else [history]
         return self.forward_packed(
             [x], [timestep], [context], [context_mask], [pooled], hist, causal
         )[0]
 
     def forward_packed(
-        self, xs, timesteps, contexts, context_masks, pooled, histories=None, causal=False
+        self, xs, timesteps, contexts, context_masks, pooled, histories=None, causal=None
     ):
         """Several segments per row, each a list entry with the same batch size B.
 
@@ -249,9 +250,14 @@ class PyramidDiT(nn.Module):
         contexts[s]: (B, L_s, Dt); context_masks[s]: (B, L_s) bool; pooled[s]: (B, Dp);
         histories[s]: clean history chunks [(B, C, n_j, h_j, w_j), ...] oldest first (frames
         0..u-1; x then holds frames u..), or None / [] for none. `causal` makes attention
-        block-causal over frames (the autoregressive mode). Returns velocities shaped like xs.
+        block-causal over frames (the autoregressive mode); None means "when any history is
+        given", and history without it is refused. Returns velocities shaped like xs.
         """
         histories = histories or [None] * len(xs)
+        has_history = any(h for h in histories)
+        causal = has_history if causal is None else causal
+        if has_history and not causal:
+            raise ValueError("history needs causal=True: it must not attend to the current frame")
         toks = self._tokens(xs, timesteps, contexts, context_masks, pooled, histories, causal)
         return self._blocks_and_head(toks, xs, kv=None)
 
@@ -284,8 +290,10 @@ class PyramidDiT(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, x, timestep, kv: KVCache):
-        """Velocity of the current frame(s) x (B, C, T, H, W) at `timestep` (B,) attending to
+        """Velocity of the current frame x (B, C, 1, H, W) at `timestep` (B,) attending to
         the cached prefix: the same result as `forward(..., history, causal=True)`."""
+        if x.shape[2] != 1:
+            raise ValueError(f"forward_cached denoises one frame at a time, got {x.shape[2]}")
         b, kv._layer = x.shape[0], 0
         ctx = x.new_zeros(b, 0, self.context_embedder.in_features)
         mask = torch.zeros(b, 0, dtype=torch.bool, device=x.device)

@@ -179,7 +179,6 @@ class PyramidFlowModule(L.LightningModule):
                 f"{list(TEMPORAL_MODES)}"
             )
         check_compression(self.temporal["compression"])
-        self._train_batches = 0  # cycles the trained frame positions (autoregressive)
         self.net: PyramidDiT | None = None
         self.autoencoder = build_autoencoder(**autoencoder)
         self.autoencoder.requires_grad_(False)
@@ -352,8 +351,9 @@ class PyramidFlowModule(L.LightningModule):
         if self.autoregressive:
             trainer = self._trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-            positions = frame_positions(self._train_batches, rank, world, latents.shape[2])
-            self._train_batches += 1
+            acc = trainer.accumulate_grad_batches if trainer else 1
+            counter = self.global_step * acc + batch_idx % acc  # restored on resume
+            positions = frame_positions(counter, rank, world, latents.shape[2])
             sigma_c = torch.rand(b, device=self.device) * self.temporal["corrupt_ratio"]
             losses, per_stage = self.autoregressive_loss(
                 latents, feats, noise, r, positions, sigma_c
@@ -396,7 +396,7 @@ class PyramidFlowModule(L.LightningModule):
         """Autoregressive validation: every stage x every frame position, clean history."""
         b, t, k = latents.shape[0], latents.shape[2], self.schedule.num_stages
         zero = torch.zeros(b, device=self.device)
-        table = torch.zeros(k, t)
+        table = torch.zeros(k, t, device=self.device)
         for stage in range(k):
             ratios = [int(st == stage) for st in range(k)]
             for u in range(t):  # positions (u, u): every column is this stage at frame u
@@ -439,7 +439,12 @@ class PyramidFlowModule(L.LightningModule):
     def encode_init(self, video: torch.Tensor, latent_frames: int) -> torch.Tensor:
         """Clean normalised latents of a given image/clip (B, 3, n, H, W) in [-1, 1]."""
         v = self.hparams.video
-        if tuple(video.shape[-2:]) != (v["height"], v["width"]):
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(
+                f"init image/video has shape {tuple(video.shape)}; expected (B, 3, frames, H, W) "
+                "RGB in [-1, 1]"
+            )
+        if video.shape[-2:] != (v["height"], v["width"]):
             raise ValueError(
                 f"init image/video is {video.shape[-1]}x{video.shape[-2]} (WxH) but the model "
                 f"generates {v['width']}x{v['height']}; fix: resize or crop it to that size"
@@ -503,11 +508,17 @@ class PyramidFlowModule(L.LightningModule):
         self.net.eval()
         try:
             if not self.autoregressive:
-                if init_video is not None:
+                extra = {
+                    "init_image/init_video": init_video is not None,
+                    "video_steps": video_steps is not None,
+                    "video_guidance_scale": video_guidance_scale is not None,
+                    "kv_cache": bool(kv_cache),
+                }
+                if any(extra.values()):
                     raise ValueError(
-                        "init_image/init_video need an autoregressive model "
-                        "(temporal=autoregressive); this one was trained with "
-                        f"temporal.mode={self.temporal['mode']}"
+                        f"{', '.join(k for k, v in extra.items() if v)} need an autoregressive "
+                        "model (temporal=autoregressive); this one was trained with "
+                        f"temporal.mode={self.temporal['mode']}; fix: drop them"
                     )
                 both = TextFeatures.cat([unc, cond])
                 if w > 0:
@@ -519,6 +530,11 @@ class PyramidFlowModule(L.LightningModule):
                 return PyramidSampler(self.schedule, steps, grid).sample(noise, fn, gens)
             init = None
             if init_video is not None:
+                if init_video.shape[0] not in (1, len(prompts)):
+                    raise ValueError(
+                        f"init video batch {init_video.shape[0]} must be 1 (shared) or one per "
+                        f"prompt ({len(prompts)})"
+                    )
                 init = self.encode_init(init_video, shape[1]).expand(len(prompts), -1, -1, -1, -1)
             sampler = AutoregressiveSampler(
                 self.schedule,
@@ -530,6 +546,11 @@ class PyramidFlowModule(L.LightningModule):
             w_vid = cfg.get("video_guidance_scale", w)
             w_vid = w_vid if video_guidance_scale is None else video_guidance_scale
             cache = cfg.get("kv_cache", False) if kv_cache is None else kv_cache
+            if cache and self.net.history_timestep != "clean":
+                raise ValueError(
+                    "kv_cache=true needs a model trained with temporal.history_timestep=clean, "
+                    f"but this one used {self.net.history_timestep!r}; fix: kv_cache=false"
+                )
             make = frame_velocity_factory(self.net, cond, unc, w, w_vid, cache)
             return sampler.sample(noise, make, gens, init_latents=init)
         finally:

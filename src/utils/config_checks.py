@@ -113,6 +113,12 @@ def _temporal_problems(cfg: DictConfig) -> list[str]:
         out.append(
             f"temporal.history_timestep={tp.history_timestep} is unknown; fix: current or clean"
         )
+    if tp.mode == "full_sequence" and tp.history_timestep == "clean":
+        out.append(
+            "temporal.history_timestep=clean applies to temporal.mode=autoregressive only (with "
+            "full_sequence it would just change the text modulation); fix: "
+            "temporal=autoregressive or temporal.history_timestep=current"
+        )
     if smp.get("kv_cache") and (tp.mode != "autoregressive" or tp.history_timestep != "clean"):
         out.append(
             f"sampling.kv_cache=true needs temporal.mode=autoregressive and "
