@@ -16,7 +16,7 @@ OUT ?= logs/train/runs/$(RUN)/videos
 ARGS ?=
 VAE_CKPT ?= checkpoints/vae_digits.safetensors
 
-.PHONY: help install data vae latents train train-vae smoke sample bench test test-slow test-gpu test-full lint format clean clean-logs
+.PHONY: help install data vae latents train train-vae smoke sample eval vbench-env bench test test-slow test-gpu test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,6 +57,13 @@ smoke: $(STAMP) ## seconds-long tiny training run
 
 sample: $(STAMP) ## sample CKPT=... PROMPTS=... OUT=...
 	$(BIN)/python src/sample.py ckpt_path=$(CKPT) prompts_file=$(PROMPTS) out_dir=$(OUT) $(ARGS)
+
+SUITE ?= digits
+eval: $(STAMP) ## evaluate CKPT=... on SUITE=digits: videos + report.json/report.md next to the checkpoint
+	$(BIN)/python src/eval.py ckpt_path=$(CKPT) suite=$(SUITE) $(ARGS)
+
+vbench-env: ## a separate .venv-vbench with the vbench package (its pins conflict with ours)
+	bash scripts/vbench_env.sh
 
 bench: $(STAMP) ## speed ratios (pyramid vs K=1, temporal pyramid vs full sequence), write docs/benchmarks.md
 	$(BIN)/python scripts/bench.py $(ARGS)

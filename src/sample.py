@@ -1,7 +1,8 @@
 """Sample videos from a checkpoint.
 
 python src/sample.py ckpt_path=PATH prompts_file=FILE out_dir=DIR [steps=[8,8,8]] [seed=0]
-FILE: .txt (one prompt a line) or .jsonl (a "prompt" field a line). Writes DIR/0000.mp4, ...
+FILE: .txt (one prompt a line; lines starting with # are comments) or .jsonl (a "prompt" field
+a line). Writes DIR/0000.mp4, ...
 in prompt order and DIR/samples.jsonl (prompt, seed, steps per stage, guidance, frames, fps,
 checkpoint sha256).
 
@@ -39,7 +40,7 @@ def read_prompts(path: str | Path) -> list[str]:
             f"prompts_file={path} does not exist; fix: a .txt file (one prompt a line) or a "
             '.jsonl file (a "prompt" field a line)'
         )
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if p.suffix == ".jsonl":
         prompts = []
         for i, ln in enumerate(lines):

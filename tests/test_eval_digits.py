@@ -1,5 +1,7 @@
 """The digits checks are calibrated: ground truth scores 1, mismatched captions score ~chance."""
 
+import json
+
 import numpy as np
 
 from src.data.digits import COLORS, DIRECTIONS, canonical_caption, iter_specs, render_video
@@ -33,3 +35,94 @@ def test_persistence_scores_ground_truth_one_and_fading_objects_zero():
         faded = video.copy()
         faded[-5:] = (faded[-5:] * 0.2).astype(video.dtype)  # dims below the foreground level
         assert score_video(faded, cap)["persistence"] == 0.0
+
+
+def test_digit_benchmark_is_calibrated_on_held_out_handwriting():
+    from src.eval.digits_bench import score_videos
+
+    specs = list(iter_specs(60, "val", seed=11))  # glyphs the classifier never saw
+    videos = [render_video(s) for s in specs]
+    right = score_videos(videos, [canonical_caption(s.digit, s.color, s.direction) for s in specs])
+    assert right["digit_acc"] >= 0.9 and right["identity_consistency"] >= 0.95
+    assert right["background_flicker"] < 0.01
+    shuffled = np.random.default_rng(0).permutation(len(specs))
+    wrong = score_videos(
+        videos,
+        [canonical_caption(specs[j].digit, s.color, s.direction) for s, j in zip(specs, shuffled)],
+    )
+    assert wrong["digit_acc"] < 0.35  # near chance (0.1) for mismatched digits
+
+
+def test_identity_consistency_and_flicker_detect_broken_videos():
+    from src.eval.digits_bench import score_digits_video
+
+    pool = list(iter_specs(20, "val", seed=2))
+    specs = [pool[0], next(s for s in pool if s.digit != pool[0].digit)]
+    a, b = render_video(specs[0]), render_video(specs[1])
+    cap = canonical_caption(specs[0].digit, specs[0].color, specs[0].direction)
+    mixed = a.copy()
+    mixed[::2] = b[::2]  # every other frame shows another glyph (another digit or style)
+    assert score_digits_video(a, cap)["identity_consistency"] == 1.0
+    assert score_digits_video(mixed, cap)["identity_consistency"] <= 0.6
+    noisy = a.copy()
+    noisy[1::2] = np.clip(noisy[1::2].astype(int) + 40, 0, 255).astype(np.uint8)  # grey flashes
+    assert score_digits_video(noisy, cap)["background_flicker"] > 0.1
+
+
+def test_make_eval_writes_a_reproducible_report(tmp_path, tiny_data_dir):
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from src.eval.run import evaluate
+    from src.train import train
+    from tests.conftest import tiny_cfg
+
+    train(tiny_cfg(tmp_path / "run", tiny_data_dir))
+    GlobalHydra.instance().clear()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(ckpt),
+            "suite": "digits",
+            "out_dir": None,
+            "num_videos": 4,
+            "prompt_seed": 0,
+            "seed": 7,
+            "batch_size": 2,
+            "device": "cpu",
+            "steps": [2, 2],
+            "guidance_scale": None,
+            "fvd": {"enabled": True, "features": "fallback", "i3d_path": None},
+        }
+    )
+    report = evaluate(cfg)
+    out = tmp_path / "run" / "eval" / "digits"  # next to the checkpoint's run
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["scores"] == report["scores"] and (out / "report.md").is_file()
+    assert saved["settings"]["seeds"] == [7, 8, 9, 10]
+    assert saved["settings"]["steps_per_stage"] == [2, 2]
+    assert len(saved["checkpoint"]["sha256"]) == 64 and len(saved["prompts"]["sha256"]) == 64
+    assert saved["scores"]["fvd_features"].startswith("fallback")
+    assert {"torch", "lightning", "numpy"} <= set(saved["packages"])
+    for key in ("digit_acc", "color_acc", "direction_acc", "identity_consistency", "fvd"):
+        assert 0.0 <= saved["scores"][key] < float("inf"), key
+    again = evaluate(cfg)  # fixed seeds: the same numbers
+    assert again["scores"] == report["scores"]
+    # the VBench mini suite: VBench's file names, local temporal flickering, an honest summary
+    cfg.suite = "vbench_mini"
+    cfg.vbench = {
+        "prompts_file": None,
+        "per_prompt": 1,
+        "run": False,
+        "python": ".venv-vbench/bin/python",
+        "mode": "custom_input",
+        "dimensions": [],
+    }
+    vb = evaluate(cfg)
+    files = sorted(
+        p.name for p in (tmp_path / "run" / "eval" / "vbench_mini" / "videos").glob("*.mp4")
+    )
+    assert len(files) == 16 and all(f.endswith("-0.mp4") for f in files)
+    assert 0.0 < vb["scores"]["raw/temporal flickering"] <= 1.0
+    assert vb["scores"]["complete"] is False and vb["scores"]["total"] is None
+    assert "subject consistency" in vb["scores"]["missing"]

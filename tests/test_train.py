@@ -25,6 +25,13 @@ def test_tiny_training_writes_checkpoint_and_finite_losses(cfg_train):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
     rows = (out / "csv" / "metrics.csv").read_text().splitlines()
     assert "train/loss_stage0" in rows[0] and len(rows) > 2
+    # quality signals beyond the loss: loss by noise level, digits scores of the sample videos
+    for key in ("val/loss_sigma_0.00-0.25", "val/loss_sigma_0.75-1.00"):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
+    header = rows[0].split(",")
+    assert {"val/digits_digit_acc", "val/digits_color_acc", "val/digits_persistence"} <= set(
+        header
+    )
 
 
 def test_checkpoint_round_trip_gives_identical_samples(cfg_train):

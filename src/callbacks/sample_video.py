@@ -1,4 +1,5 @@
-"""Write sample videos for fixed prompts and seeds every N steps (rank zero only)."""
+"""Write sample videos for fixed prompts and seeds every N steps (rank zero only), and score
+them with the digits benchmark (`val/digits_*`) when the prompts are digits captions."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ class SampleVideo(L.Callback):
         seed: int = 0,
         fps: int = 8,
         on_train_end: bool = True,
+        digits_metrics: bool = False,
     ):
         self.prompts, self.every, self.seed, self.fps = list(prompts), every_n_steps, seed, fps
-        self.at_end = on_train_end
+        self.at_end, self.digits_metrics = on_train_end, digits_metrics
         self.last_written = -1  # with gradient accumulation a step spans several batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -52,6 +54,14 @@ class SampleVideo(L.Callback):
             paths.append(out / f"{i:02d}.mp4")
             write_mp4(paths[-1], v, fps=self.fps)
         save_frame_strip(videos, out / "strip.png")
+        if self.digits_metrics:
+            from src.data.video_io import to_uint8_frames
+            from src.eval.digits_bench import score_videos
+
+            scores = score_videos([to_uint8_frames(v) for v in videos], self.prompts)
+            metrics = {f"val/digits_{k}": float(v) for k, v in scores.items() if k != "videos"}
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 import wandb

@@ -378,12 +378,15 @@ class PyramidFlowModule(L.LightningModule):
         if self.autoregressive:
             self._validate_frames(latents, noise, r, feats)
             return
-        stage_losses = []
+        stage_losses, sigmas, losses = [], [], []
         for stage in range(self.schedule.num_stages):
             s = self.path.sample(latents, noise, stage, r)
             pred = self.net(s.x_t, s.timestep.float(), feats.tokens, feats.mask, feats.pooled)
-            stage_losses.append(per_sample_mse(pred, s.target).mean())
+            losses.append(per_sample_mse(pred, s.target))
+            sigmas.append(s.sigma)
+            stage_losses.append(losses[-1].mean())
             self.log(f"val/loss_stage{stage}", stage_losses[-1], batch_size=b, sync_dist=True)
+        self._log_sigma_buckets(torch.cat(sigmas), torch.cat(losses))
         self.log(
             "val/loss",
             torch.stack(stage_losses).mean(),
@@ -392,11 +395,28 @@ class PyramidFlowModule(L.LightningModule):
             sync_dist=True,
         )
 
+    SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def _log_sigma_buckets(self, sigmas: torch.Tensor, losses: torch.Tensor) -> None:
+        """val/loss_sigma_{lo}-{hi}: held-out loss by noise level (sigma = noise fraction); the
+        ratio grid and stage windows are fixed, so every bucket sees the same points each time."""
+        edges = self.SIGMA_BUCKETS
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (sigmas >= lo) & ((sigmas < hi) if hi < 1 else (sigmas <= hi))
+            if bool(sel.any()):
+                self.log(
+                    f"val/loss_sigma_{lo:.2f}-{hi:.2f}",
+                    losses[sel].mean(),
+                    batch_size=int(sel.sum()),
+                    sync_dist=True,
+                )
+
     def _validate_frames(self, latents, noise, r, feats) -> None:
         """Autoregressive validation: every stage x every frame position, clean history."""
         b, t, k = latents.shape[0], latents.shape[2], self.schedule.num_stages
         zero = torch.zeros(b, device=self.device)
         table = torch.zeros(k, t, device=self.device)
+        sig_all, loss_all = [], []
         for stage in range(k):
             ratios = [int(st == stage) for st in range(k)]
             for u in range(t):  # positions (u, u): every column is this stage at frame u
@@ -415,11 +435,14 @@ class PyramidFlowModule(L.LightningModule):
                     zero,
                 )
                 table[stage, u] = losses.mean()
+                sig_all.append(self.schedule.ratio_to_sigma(r, stage).float())
+                loss_all.append(losses)
         for stage in range(k):
             self.log(f"val/loss_stage{stage}", table[stage].mean(), batch_size=b, sync_dist=True)
         for u in range(t):
             self.log(f"val/loss_frame{u}", table[:, u].mean(), batch_size=b, sync_dist=True)
         self.log("val/loss", table.mean(), prog_bar=True, batch_size=b, sync_dist=True)
+        self._log_sigma_buckets(torch.cat(sig_all), torch.cat(loss_all))
 
     # ----------------------------------------------------------------------------- sampling
     def latent_frames(self, num_frames: int | None) -> tuple[int, ...]:
