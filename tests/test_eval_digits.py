@@ -125,4 +125,5 @@ def test_make_eval_writes_a_reproducible_report(tmp_path, tiny_data_dir):
     assert len(files) == 16 and all(f.endswith("-0.mp4") for f in files)
     assert 0.0 < vb["scores"]["raw/temporal flickering"] <= 1.0
     assert vb["scores"]["complete"] is False and vb["scores"]["total"] is None
+    assert vb["scores"]["quality"] is None  # one of 7 quality dimensions: no group score
     assert "subject consistency" in vb["scores"]["missing"]

@@ -151,10 +151,13 @@ def vbench_suite(module, cfg: DictConfig, out: Path):
         )
         raw |= result["scores"]
     summary = vbench.summarize(raw)
+    # group scores only when every dimension of the group is present; partial means are named
+    q_ok, s_ok = not summary["missing_quality"], not summary["missing_semantic"]
     scores = {
-        "quality": summary["quality"],
-        "semantic": summary["semantic"],
-        "total": summary["total"],
+        "quality": summary["quality"] if q_ok else None,
+        "semantic": summary["semantic"] if s_ok else None,
+        "total": summary["total"] if summary["complete"] else None,
+        "quality_partial_mean": None if q_ok else summary["quality"],
         "complete": summary["complete"],
         "missing": summary["missing"],
         **{f"raw/{k}": v for k, v in raw.items()},
