@@ -1,5 +1,6 @@
 """The digits checks are calibrated: ground truth scores 1, mismatched captions score ~chance."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -127,3 +128,18 @@ def test_make_eval_writes_a_reproducible_report(tmp_path, tiny_data_dir):
     assert vb["scores"]["complete"] is False and vb["scores"]["total"] is None
     assert vb["scores"]["quality"] is None  # one of 7 quality dimensions: no group score
     assert "subject consistency" in vb["scores"]["missing"]
+    # EvalCrafter: its file naming, its prompt file recorded, honest about uncomputed metrics
+    (tmp_path / "prompt700.txt").write_text("a dog running\na red car on a road\n")
+    cfg.suite = "evalcrafter"
+    cfg.evalcrafter = {
+        "prompts_file": str(tmp_path / "prompt700.txt"),
+        "clip_dir": None,
+        "preprocess": "clip",
+    }
+    ec = evaluate(cfg)
+    ec_dir = tmp_path / "run" / "eval" / "evalcrafter"
+    assert sorted(p.name for p in ec_dir.glob("*.mp4")) == ["0000.mp4", "0001.mp4"]
+    assert len(ec["scores"]["not_computed"]) == 17 and "CLIP-Score" not in ec["scores"]
+    assert json.loads((ec_dir / "report.json").read_text())["prompts"]["sha256"] == (
+        hashlib.sha256((tmp_path / "prompt700.txt").read_bytes()).hexdigest()
+    )

@@ -12,6 +12,10 @@ Suites:
   dimension by the `vbench` package in its own environment when vbench.run=true
   (src/eval/vbench.py, `make vbench-env`), then Quality / Semantic / Total with VBench's
   normalisation and weights — flagged incomplete when dimensions are missing.
+- evalcrafter: one video per prompt of EvalCrafter's prompt700.txt (evalcrafter.prompts_file),
+  named 0000.mp4 … as its pipeline expects; CLIP-Score and CLIP-Temp are computed here from a
+  local CLIP directory (evalcrafter.clip_dir), the other 15 metrics are listed with the models
+  they need (src/eval/evalcrafter.py) for EvalCrafter's own docker pipeline.
 
 The report (report.json + report.md) goes next to the checkpoint, under eval/<suite>/.
 """
@@ -35,7 +39,7 @@ from src.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
 PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "numpy", "scikit-learn", "av")
-SUITES = ("digits", "vbench_mini", "vbench")
+SUITES = ("digits", "vbench_mini", "vbench", "evalcrafter")
 
 
 def package_versions() -> dict[str, str]:
@@ -102,6 +106,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.suite.startswith("vbench"):
         scores, records, prompt_file, source = vbench_suite(module, cfg, out)
+    elif cfg.suite == "evalcrafter":
+        scores, records, prompt_file, source = evalcrafter_suite(module, cfg, out)
     else:
         scores, records, prompt_file, source = digits_suite(module, cfg, out)
     return write_report(module, cfg, out, scores, records, prompt_file, source, t0)
@@ -164,6 +170,22 @@ def vbench_suite(module, cfg: DictConfig, out: Path):
     }
     source = f"{prompt_file.name}, {cfg.vbench.per_prompt} videos per prompt"
     return scores, records, prompt_file, source
+
+
+def evalcrafter_suite(module, cfg: DictConfig, out: Path):
+    from src.eval import evalcrafter
+
+    ec = cfg.evalcrafter
+    prompts = evalcrafter.read_prompts(ec.prompts_file or "")
+    records = generate_suite(module, prompts, cfg, out)  # 0000.mp4 ...: EvalCrafter's naming
+    result = evalcrafter.score_dir(
+        out, prompts, clip_dir=ec.clip_dir, device=cfg.device, preprocess=ec.preprocess
+    )
+    scores = {k: result[k] for k in evalcrafter.OFFLINE_METRICS if k in result}
+    scores["clip_preprocess"] = ec.preprocess if ec.clip_dir else "not computed (no clip_dir)"
+    scores["not_computed"] = sorted(result["not_computed"])
+    source = f"{Path(ec.prompts_file).name}, one video per prompt"
+    return scores, records, Path(ec.prompts_file), source
 
 
 def digits_suite(module, cfg: DictConfig, out: Path):
