@@ -3,6 +3,7 @@ them with the digits benchmark (`val/digits_*`) when the prompts are digits capt
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,17 @@ class SampleVideo(L.Callback):
     ):
         self.prompts, self.every, self.seed, self.fps = list(prompts), every_n_steps, seed, fps
         self.at_end, self.digits_metrics = on_train_end, digits_metrics
+        if digits_metrics:
+            from src.data.digits import parse_caption
+
+            bad = [p for p in self.prompts if parse_caption(p) is None]
+            if bad:  # not the digits world: no digits scores, no crash mid-run
+                warnings.warn(
+                    f"callbacks.sample_video.digits_metrics=true but {bad[0]!r} is not a "
+                    "digits caption; the val/digits_* scores are skipped",
+                    stacklevel=2,
+                )
+                self.digits_metrics = False
         self.last_written = -1  # with gradient accumulation a step spans several batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

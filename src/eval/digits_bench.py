@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 
-from src.data.digits import SCALE, glyph_image, parse_caption, split_glyph_ids
+from src.data.digits import CANVAS_SIZE, SCALE, glyph_image, parse_caption, split_glyph_ids
 from src.data.digits import _glyph_table as glyph_table
 from src.eval.digits_metrics import FOREGROUND, foreground, score_video
 
@@ -83,7 +83,21 @@ def background_flicker(frames: np.ndarray) -> float:
     return float(diff[both_bg].mean() / 255.0)
 
 
+def to_canvas(frames: np.ndarray) -> np.ndarray:
+    """Frames of another size resized (bilinear) to the digits canvas the classifier's crops
+    assume: uint8 (T, 64, 64, 3)."""
+    if frames.shape[1:3] == (CANVAS_SIZE, CANVAS_SIZE):
+        return frames
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(CANVAS_SIZE, CANVAS_SIZE), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
 def score_digits_video(frames: np.ndarray, caption: str) -> dict[str, float]:
+    frames = to_canvas(frames)
     facts = parse_caption(caption)
     if facts is None:
         raise ValueError(f"caption {caption!r} does not follow the digits grammar")

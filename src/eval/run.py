@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +39,16 @@ from src.models.checkpoint import load_module, sha256_file
 from src.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
-PACKAGES = ("torch", "lightning", "torchmetrics", "hydra-core", "numpy", "scikit-learn", "av")
+PACKAGES = (
+    "torch",
+    "lightning",
+    "torchmetrics",
+    "hydra-core",
+    "numpy",
+    "scikit-learn",
+    "av",
+    "transformers",
+)
 SUITES = ("digits", "vbench_mini", "vbench", "evalcrafter")
 
 
@@ -90,8 +100,6 @@ def fvd_digits(fake: list[np.ndarray], real: list[np.ndarray], cfg: DictConfig) 
 
     for i in range(0, len(fake), 16):
         f, r = batch(fake[i : i + 16]), batch(real[i : i + 16])
-        if r.shape[2:] != f.shape[2:]:  # ground truth rendered at the world's size
-            r = torch.nn.functional.interpolate(r, size=f.shape[2:], mode="trilinear")
         metric.update(f, real=False)
         metric.update(r, real=True)
     return {"fvd": float(metric.compute()), "fvd_features": metric.feature_name}
@@ -140,6 +148,10 @@ def vbench_suite(module, cfg: DictConfig, out: Path):
         )
 
     videos = out / "videos"
+    if cfg.vbench.run:  # fail before generating anything
+        vbench.vbench_entry_point(cfg.vbench.python)
+    if videos.exists():  # never score another checkpoint's (or another setting's) leftovers
+        shutil.rmtree(videos)
     records = vbench.write_vbench_videos(
         generate,
         prompts,
@@ -148,12 +160,18 @@ def vbench_suite(module, cfg: DictConfig, out: Path):
         seed=cfg.seed,
         fps=module.hparams.video["fps"],
         batch_size=cfg.batch_size,
+        overwrite=True,
     )
-    raw = dict(vbench.local_scores(videos)["scores"])
+    # local flickering has no static filter: reported on its own, never as VBench's dimension
+    local = vbench.local_scores(videos)["scores"]["temporal flickering"]
+    raw: dict[str, float] = {}
     if cfg.vbench.run:
-        dims = [d for d in cfg.vbench.dimensions if d != "temporal_flickering"]
         result = vbench.run_vbench(
-            videos, out / "vbench", dims, python=cfg.vbench.python, mode=cfg.vbench.mode
+            videos,
+            out / "vbench",
+            list(cfg.vbench.dimensions),
+            python=cfg.vbench.python,
+            mode=cfg.vbench.mode,
         )
         raw |= result["scores"]
     summary = vbench.summarize(raw)
@@ -166,6 +184,7 @@ def vbench_suite(module, cfg: DictConfig, out: Path):
         "quality_partial_mean": None if q_ok else summary["quality"],
         "complete": summary["complete"],
         "missing": summary["missing"],
+        "local/temporal_flickering_unfiltered": local,
         **{f"raw/{k}": v for k, v in raw.items()},
     }
     source = f"{prompt_file.name}, {cfg.vbench.per_prompt} videos per prompt"
@@ -176,7 +195,13 @@ def evalcrafter_suite(module, cfg: DictConfig, out: Path):
     from src.eval import evalcrafter
 
     ec = cfg.evalcrafter
-    prompts = evalcrafter.read_prompts(ec.prompts_file or "")
+    prompt_file = Path(ec.prompts_file or "").expanduser()
+    prompts = evalcrafter.read_prompts(prompt_file)
+    if ec.clip_dir and not Path(ec.clip_dir).expanduser().is_dir():  # fail before generating
+        raise FileNotFoundError(
+            f"evalcrafter.clip_dir={ec.clip_dir} does not exist; fix: a local "
+            "openai/clip-vit-base-patch32 directory, or null to skip the CLIP metrics"
+        )
     records = generate_suite(module, prompts, cfg, out)  # 0000.mp4 ...: EvalCrafter's naming
     result = evalcrafter.score_dir(
         out, prompts, clip_dir=ec.clip_dir, device=cfg.device, preprocess=ec.preprocess
@@ -184,21 +209,36 @@ def evalcrafter_suite(module, cfg: DictConfig, out: Path):
     scores = {k: result[k] for k in evalcrafter.OFFLINE_METRICS if k in result}
     scores["clip_preprocess"] = ec.preprocess if ec.clip_dir else "not computed (no clip_dir)"
     scores["not_computed"] = sorted(result["not_computed"])
-    source = f"{Path(ec.prompts_file).name}, one video per prompt"
-    return scores, records, Path(ec.prompts_file), source
+    source = f"{prompt_file.name}, one video per prompt, clip_dir={ec.clip_dir}"
+    return scores, records, prompt_file, source
+
+
+def reference_clip(spec, frames: int, height: int, width: int) -> np.ndarray:
+    """The ground truth as training saw it: the first `frames` frames, resized like the data
+    pipeline, through the same mp4 encoding. uint8 (T, H, W, 3)."""
+    from src.data.digits import render_video
+    from src.data.pipeline import to_clip_tensor
+    from src.data.video_io import mp4_bytes
+
+    clip = to_clip_tensor(render_video(spec)[:frames], height, width)  # (3, T, H, W)
+    return read_mp4(mp4_bytes(clip, fps=8))
 
 
 def digits_suite(module, cfg: DictConfig, out: Path):
+    if cfg.fvd.enabled and cfg.fvd.features == "i3d":  # fail before generating anything
+        from src.eval.fvd import FrechetVideoDistance
+
+        FrechetVideoDistance(features="i3d", i3d_path=cfg.fvd.i3d_path)
     prompts, specs = digits_prompts(cfg.num_videos, cfg.prompt_seed)
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     records = generate_suite(module, prompts, cfg, out)
     fake = [read_mp4(out / r["file"]) for r in records]
 
-    from src.data.digits import render_video
     from src.eval.digits_bench import score_digits_video
 
-    real = [render_video(s) for s in specs]
+    v = module.hparams.video
+    real = [reference_clip(s, v["num_frames"], v["height"], v["width"]) for s in specs]
     rows = [score_digits_video(v, r["prompt"]) for v, r in zip(fake, records)]
     for r, s in zip(records, rows):
         r.update(s)
@@ -231,6 +271,11 @@ def write_report(module, cfg, out, scores, records, prompt_file, source, t0) -> 
             "temporal": dict(module.temporal),
             "video_steps_per_stage": sampling.get("video_steps"),
             "video_guidance_scale": sampling.get("video_guidance_scale"),
+            "kv_cache": sampling.get("kv_cache", False),
+            "ratio_grid": sampling.get("ratio_grid", "uniform"),
+            "negative_prompt": sampling.get("negative_prompt", ""),
+            "prompt_suffix": sampling.get("prompt_suffix", ""),
+            "device": str(cfg.device),
             "frames": hp.video["num_frames"],
             "size": [hp.video["height"], hp.video["width"]],
             "fps": hp.video["fps"],

@@ -398,18 +398,26 @@ class PyramidFlowModule(L.LightningModule):
     SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
     def _log_sigma_buckets(self, sigmas: torch.Tensor, losses: torch.Tensor) -> None:
-        """val/loss_sigma_{lo}-{hi}: held-out loss by noise level (sigma = noise fraction); the
-        ratio grid and stage windows are fixed, so every bucket sees the same points each time."""
+        """val/loss_sigma_{lo}-{hi}: held-out loss by noise level (sigma = noise fraction).
+
+        One MeanMetric per bucket, updated with whatever points of this batch fall into it and
+        logged on every batch, so every rank logs the same keys (a small last batch may leave a
+        bucket empty) and the epoch value is the exact mean over all points (synced by
+        torchmetrics across ranks).
+        """
+        if not hasattr(self, "_sigma_means"):
+            from torchmetrics import MeanMetric
+
+            n = len(self.SIGMA_BUCKETS) - 1
+            self._sigma_means = torch.nn.ModuleList(MeanMetric() for _ in range(n))
+            self._sigma_means.to(self.device)
         edges = self.SIGMA_BUCKETS
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
             sel = (sigmas >= lo) & ((sigmas < hi) if hi < 1 else (sigmas <= hi))
+            metric = self._sigma_means[i]
             if bool(sel.any()):
-                self.log(
-                    f"val/loss_sigma_{lo:.2f}-{hi:.2f}",
-                    losses[sel].mean(),
-                    batch_size=int(sel.sum()),
-                    sync_dist=True,
-                )
+                metric.update(losses[sel].float())
+            self.log(f"val/loss_sigma_{lo:.2f}-{hi:.2f}", metric, on_step=False, on_epoch=True)
 
     def _validate_frames(self, latents, noise, r, feats) -> None:
         """Autoregressive validation: every stage x every frame position, clean history."""
