@@ -38,6 +38,11 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 @task_wrapper
 def train(cfg: DictConfig) -> dict:
+    if cfg.get("dry_run"):  # size the run on the meta device; build and load nothing
+        validate_config(cfg, check_files=False)
+        from src.utils.preflight import report
+
+        return report(cfg)
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")

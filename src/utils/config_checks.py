@@ -22,11 +22,14 @@ def _latent_channels(ae: DictConfig) -> int | None:
     return None
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """All rule violations of a composed train config (empty when it is valid)."""
+def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
+    """All rule violations of a composed train config (empty when it is valid).
+
+    check_files=False skips the rules about files that must exist (a dry run sizes a recipe
+    before its checkpoints and data are in place)."""
     out: list[str] = []
     if "net" not in cfg.model:  # another task (VAE training) with its own checks
-        return out + _vae_problems(cfg) + _ckpt_problems(cfg)
+        return out + _vae_problems(cfg) + (_ckpt_problems(cfg) if check_files else [])
     p, v, ae, net = cfg.pyramid, cfg.video, cfg.autoencoder, cfg.model.net
     k = int(p.num_stages)
     if len(p.stage_range) != k + 1:
@@ -88,6 +91,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
         out.append(f"model.net.attn_backend={backend} is unknown; fix: sdpa or sdpa_segments")
     out += _temporal_problems(cfg)
     ckpt_file = ae.get("checkpoint")
+    if not check_files:
+        return out
     if ckpt_file not in (None, "???") and not Path(str(ckpt_file)).is_file():
         out.append(
             f"autoencoder.checkpoint={ckpt_file} does not exist; fix: `make vae` trains the "
@@ -171,7 +176,7 @@ def _vae_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
-def validate_config(cfg: DictConfig) -> None:
-    problems = config_problems(cfg)
+def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
+    problems = config_problems(cfg, check_files)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
