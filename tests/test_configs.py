@@ -94,6 +94,8 @@ BAD = [
     (["pyramid.sample_steps=[8]"], "pyramid.sample_steps=[8] needs 3"),
     (["data.batch_size=6"], "data.batch_size=6 must be divisible by"),
     (["model.net.attn_backend=flash3"], "model.net.attn_backend=flash3 is unknown"),
+    (["model.net.attn_backend=flex"], "model.net.attn_backend=flex has no backward on the CPU"),
+    (["model.net.attn_backend=flash"], "model.net.attn_backend=flash needs CUDA"),
     (
         ["autoencoder=space_to_depth", "autoencoder.latent_channels=64"],
         "autoencoder.latent_channels=64 must be 3*s*s*f_t=192",

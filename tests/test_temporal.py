@@ -388,3 +388,39 @@ def test_options_the_model_cannot_honour_are_refused_before_sampling(ar_ckpt, tm
     module.temporal["mode"] = "full_sequence"  # a full-sequence model has no later frames
     with pytest.raises(ValueError, match="video_steps, kv_cache need an autoregressive"):
         module.generate_latents(["a"], video_steps=[1, 1], kv_cache=True)
+
+
+def test_flex_backend_keeps_the_frame_mask_and_matches_sdpa():
+    """FlexAttention's block mask (segments, padding, frames) gives the SDPA result (forward:
+    this torch has no FlexAttention backward on the CPU; the GPU tier checks gradients)."""
+    import warnings
+
+    ctx, mask, pooled = text(2)
+    t = torch.tensor([100.0, 700.0])
+    hist = [[torch.randn(2, C, 2, 4, 4)], [torch.randn(2, C, 1, 4, 4), torch.randn(2, C, 1, 8, 8)]]
+    xs = [torch.randn(2, C, 2, 4, 4), torch.randn(2, C, 1, 8, 8)]
+    outs = {}
+    for backend in ("sdpa", "flex"):
+        net = randomize(make_net(attn_backend=backend)).eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # eager FlexAttention on the CPU warns once
+            outs[backend] = net.forward_packed(
+                xs, [t, t], [ctx, ctx], [mask, mask], [pooled] * 2, hist, True
+            )
+    for a, b in zip(outs["sdpa"], outs["flex"]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_flash_backend_refuses_the_causal_layout_and_names_the_missing_package():
+    from src.models.layers import PackedLayout, attention
+
+    q = torch.randn(1, 2, 6, 8)
+    causal = PackedLayout([6], torch.ones(1, 6, dtype=torch.bool), torch.arange(6))
+    with pytest.raises(ValueError, match="cannot apply the block-causal frame mask"):
+        attention(q, q, q, causal, "flash")
+    plain = PackedLayout([6], torch.ones(1, 6, dtype=torch.bool))
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs the flash-attn package"):
+            attention(q, q, q, plain, "flash")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_BACKENDS = ("sdpa", "sdpa_segments")
+ATTENTION_BACKENDS = ("sdpa", "sdpa_segments", "flex", "flash")
 
 
 @dataclass
@@ -36,6 +36,14 @@ class PackedLayout:
             return None
         f = self.frame_ids[sl]
         return f[:, None] >= f[None, :]
+
+    def segment_ids(self) -> torch.Tensor:
+        """(N,) index of the segment of every token."""
+        dev = self.key_valid.device
+        return torch.repeat_interleave(
+            torch.arange(len(self.seg_lengths), device=dev),
+            torch.tensor(self.seg_lengths, device=dev),
+        )
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, N, N) bool: True where a query may attend a key."""
@@ -74,9 +82,76 @@ def attention(
             )
             start += n
         return torch.cat(outs, dim=2)
+    if backend == "flex":
+        return _flex_attention(q, k, v, layout)
+    if backend == "flash":
+        return _flash_varlen(q, k, v, layout)
     raise ValueError(
         f"model.net.attn_backend={backend!r} is unknown; fix: one of {list(ATTENTION_BACKENDS)}"
     )
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    """FlexAttention with a block mask built from the layout: segments, key padding and the
+    block-causal frame mask (GPU training path with packing; the mask is never dropped). The
+    mask is built once per layout and reused by every layer. On the CPU it runs eagerly
+    (forward only: this torch has no FlexAttention backward on the CPU)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = getattr(layout, "_flex_mask", None)
+    if mask is None:
+        seg, valid, frames = layout.segment_ids(), layout.key_valid, layout.frame_ids
+
+        def mask_mod(b, h, qi, ki):
+            keep = (seg[qi] == seg[ki]) & valid[b, ki]
+            return keep & (frames[qi] >= frames[ki]) if frames is not None else keep
+
+        n = q.shape[2]
+        mask = create_block_mask(mask_mod, q.shape[0], None, n, n, device=q.device)
+        layout._flex_mask = mask
+    if q.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX(q, k, v, block_mask=mask)
+    return flex_attention(q, k, v, block_mask=mask)
+
+
+def _flash_varlen(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    """flash-attn varlen over the un-padded tokens of every (row, segment): the reference's
+    non-autoregressive path. It has no frame mask, so a causal layout is refused (use flex)."""
+    if layout.frame_ids is not None:
+        raise ValueError(
+            "model.net.attn_backend=flash cannot apply the block-causal frame mask of "
+            "temporal=autoregressive; fix: model.net.attn_backend=flex (or sdpa)"
+        )
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exn:
+        raise ImportError(
+            "model.net.attn_backend=flash needs the flash-attn package (CUDA only, optional: "
+            "pip install flash-attn); fix: model.net.attn_backend=flex or sdpa"
+        ) from exn
+    b, h, n, d = q.shape
+    seg, valid = layout.segment_ids(), layout.key_valid  # (N,), (B, N)
+    order, lengths = [], []
+    for row in range(b):  # sequences: the valid tokens of each segment of each row
+        for s in range(len(layout.seg_lengths)):
+            idx = torch.nonzero((seg == s) & valid[row]).squeeze(1) + row * n
+            order.append(idx)
+            lengths.append(idx.numel())
+    flat = torch.cat(order)
+    cu = torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
+
+    def pack(x):  # (B, H, N, D) -> (total, H, D)
+        return x.transpose(1, 2).reshape(b * n, h, d)[flat]
+
+    out = flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, max(lengths), max(lengths))
+    full = q.new_zeros(b * n, h, d).index_copy(0, flat, out)  # padded queries: zeros
+    return full.reshape(b, n, h, d).transpose(1, 2)
 
 
 class RMSNorm(nn.Module):

@@ -86,9 +86,7 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
             f"data.batch_size={bs} must be divisible by sum(pyramid.stage_sample_ratios)="
             f"{cols}; fix: data.batch_size={max(cols, bs // cols * cols)}"
         )
-    backend = net.get("attn_backend", "sdpa")
-    if backend not in ("sdpa", "sdpa_segments"):
-        out.append(f"model.net.attn_backend={backend} is unknown; fix: sdpa or sdpa_segments")
+    out += _attention_problems(cfg)
     out += _temporal_problems(cfg)
     ckpt_file = ae.get("checkpoint")
     if not check_files:
@@ -99,6 +97,37 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
             "digits VAE, or point it at an exported .safetensors file"
         )
     return out + _ckpt_problems(cfg)
+
+
+def _attention_problems(cfg: DictConfig) -> list[str]:
+    """The attention backend must exist and run where the trainer runs."""
+    import torch
+
+    backend = cfg.model.net.get("attn_backend", "sdpa")
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accel == "cpu" or (accel == "auto" and not torch.cuda.is_available())
+    if backend not in ("sdpa", "sdpa_segments", "flex", "flash"):
+        return [
+            f"model.net.attn_backend={backend} is unknown; fix: sdpa, sdpa_segments, flex "
+            "(GPU, masks with packing) or flash (GPU, flash-attn, no frame mask)"
+        ]
+    if backend == "flex" and on_cpu and cfg.get("train", True):
+        return [
+            "model.net.attn_backend=flex has no backward on the CPU in this torch; fix: "
+            "model.net.attn_backend=sdpa_segments (or train on a GPU)"
+        ]
+    if backend == "flash":
+        if on_cpu or not torch.cuda.is_available():
+            return [
+                "model.net.attn_backend=flash needs CUDA and the flash-attn package; fix: "
+                "model.net.attn_backend=sdpa_segments on this machine"
+            ]
+        if cfg.temporal.mode == "autoregressive":
+            return [
+                "model.net.attn_backend=flash cannot apply the block-causal frame mask of "
+                "temporal=autoregressive; fix: model.net.attn_backend=flex"
+            ]
+    return []
 
 
 def _temporal_problems(cfg: DictConfig) -> list[str]:
