@@ -29,7 +29,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.get("ckpt_path") != "last":
         return cfg.get("ckpt_path")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    if last.exists():  # a file, or a directory for sharded (FSDP) checkpoints
         log.info(f"Resuming from {last}")
         return str(last)
     log.info(f"ckpt_path=last but {last} does not exist yet: starting a new run")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from src.callbacks.ema import EMA
 from src.data.video_io import write_mp4
@@ -51,14 +50,19 @@ class SampleVideo(L.Callback):
         if self.at_end and trainer.global_step != self.last_written:
             self.write(trainer, pl_module)
 
-    @rank_zero_only
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """Rank zero writes; with a sharded model every rank must join the forward passes."""
         self.last_written = trainer.global_step
+        sharded = "ModelParallel" in type(trainer.strategy).__name__
+        if not (trainer.is_global_zero or sharded):
+            return None
         module = pl_module
         for cb in trainer.callbacks:  # prefer the EMA weights while training
             if isinstance(cb, EMA) and cb.averaged_module() is not None and trainer.training:
                 module = cb.averaged_module()
         videos = module.generate(self.prompts, seed=self.seed)
+        if not trainer.is_global_zero:
+            return None
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:08d}"
         out.mkdir(parents=True, exist_ok=True)
         paths = []

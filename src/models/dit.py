@@ -166,6 +166,7 @@ class PyramidDiT(nn.Module):
     """Unified DiT for all pyramid stages. See the module docstring."""
 
     block_classes = (PyramidDiTBlock, PyramidDiTSingleBlock)  # FSDP / checkpointing units
+    fsdp_forward_methods = ("forward_packed", "encode_prefix", "forward_cached")  # entry points
 
     def __init__(
         self,

@@ -169,6 +169,7 @@ class PyramidFlowModule(L.LightningModule):
         val_seed: int = 1234,
         sample_posterior: bool = True,
         temporal: dict | None = None,
+        fsdp: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -214,6 +215,11 @@ class PyramidFlowModule(L.LightningModule):
         if self.net is not None:  # idempotent: Lightning may call it more than once
             return
         self.net = PyramidDiT(**self.hparams.net)
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy
+        if mesh is not None and self.hparams.fsdp:
+            from src.utils.fsdp import apply_fsdp2
+
+            apply_fsdp2(self.net, mesh, **self.hparams.fsdp)
 
     def on_fit_start(self) -> None:
         """Fit a data-fitted autoencoder (PCA) on training videos unless a checkpoint had it.
