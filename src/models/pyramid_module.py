@@ -170,6 +170,7 @@ class PyramidFlowModule(L.LightningModule):
         sample_posterior: bool = True,
         temporal: dict | None = None,
         fsdp: dict | None = None,
+        finetune: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -215,6 +216,14 @@ class PyramidFlowModule(L.LightningModule):
         if self.net is not None:  # idempotent: Lightning may call it more than once
             return
         self.net = PyramidDiT(**self.hparams.net)
+        ft = self.hparams.finetune or {}
+        if ft.get("name", "none") == "lora":
+            from src.utils.finetune import apply_lora, load_base_weights
+
+            if ft.get("base_ckpt") and self._trainer is not None:  # training, not loading
+                load_base_weights(self.net, ft["base_ckpt"])
+            keys = ("rank", "alpha", "dropout", "target_modules")
+            apply_lora(self.net, **{k: ft[k] for k in keys})
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy
         if mesh is not None and self.hparams.fsdp:
             from src.utils.fsdp import apply_fsdp2

@@ -1,0 +1,63 @@
+"""LoRA fine-tuning (finetune=lora): adapters start as a no-op, only they train, the base stays."""
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from src.utils.finetune import apply_lora, load_base_weights
+from tests.test_dit import C, make_net, randomize, text
+
+TARGETS = ["qkv", "img_proj", "txt_proj", "linear1", "linear2"]
+
+
+def test_lora_starts_as_the_base_model_and_only_adapters_train():
+    net = randomize(make_net())
+    ctx, mask, pooled = text(2)
+    x, t = torch.randn(2, C, 2, 8, 8), torch.tensor([10.0, 900.0])
+    before = net(x, t, ctx, mask, pooled)
+    targeted = {
+        n: m
+        for n, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n == k or n.endswith("." + k) for k in TARGETS)
+    }
+    trainable = apply_lora(net, rank=4, alpha=8, dropout=0.0, target_modules=TARGETS)
+    assert trainable == sum(4 * (m.in_features + m.out_features) for m in targeted.values())
+    assert torch.equal(net(x, t, ctx, mask, pooled), before)  # B = 0: exactly the base model
+    assert all(("lora_" in n) == p.requires_grad for n, p in net.named_parameters())
+    frozen = {n: p.clone() for n, p in net.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x, t, ctx, mask, pooled).pow(2).mean().backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
+    assert not torch.allclose(net(x, t, ctx, mask, pooled), before)
+
+
+def test_lora_run_from_a_base_checkpoint_keeps_the_base_and_samples(tmp_path, tiny_data_dir):
+    from src.models.checkpoint import load_module
+    from src.train import train
+    from tests.conftest import tiny_cfg
+
+    train(tiny_cfg(tmp_path / "base", tiny_data_dir))
+    GlobalHydra.instance().clear()
+    base = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    cfg = tiny_cfg(
+        tmp_path / "lora", tiny_data_dir, ["finetune=lora", f"finetune.base_ckpt={base}"]
+    )
+    train(cfg)
+    GlobalHydra.instance().clear()
+    lora = torch.load(tmp_path / "lora" / "checkpoints" / "last.ckpt", weights_only=True)
+    base_sd = torch.load(base, weights_only=True)["state_dict"]
+    raw = lora["current_model_state"]  # the trained weights (state_dict holds their EMA)
+    for k, v in raw.items():
+        if k.startswith("net.") and "lora_" not in k:
+            assert torch.equal(v, base_sd[k.replace(".base_layer", "")]), k
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in raw.items())
+    module = load_module(tmp_path / "lora" / "checkpoints" / "last.ckpt")
+    assert module.generate(["a red digit 3 moving right"], seed=0).shape == (1, 3, 9, 32, 32)
+
+
+def test_missing_base_checkpoint_is_one_clear_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="finetune.base_ckpt=.*does not exist"):
+        load_base_weights(make_net(), tmp_path / "nope.ckpt")
