@@ -69,3 +69,21 @@ def test_dry_run_prints_one_json_line_and_builds_nothing(capsys):
     data = json.loads(line)["preflight"]
     assert data["params"] == out["params"] and data["sharding"] == "zero2"
     assert data["recipe_steps"] == 50_000 and data["recipe_a100_hours"] > 0
+
+
+def test_slurm_launcher_composes_one_task_per_gpu_and_needs_a_stable_run_name():
+    from omegaconf import OmegaConf
+
+    cfg = compose_train(
+        ["launcher=slurm", "experiment=pyramid_768p", "run_name=r768", "trainer.devices=8"],
+        return_hydra_config=True,
+    )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8
+    assert launcher["max_num_timeout"] > 0 and cfg.ckpt_path == "last"
+    validate_config(cfg, check_files=False)
+    unnamed = compose_train(["launcher=slurm"], return_hydra_config=True)
+    HydraConfig().set_config(unnamed)
+    with pytest.raises(ValueError, match="launcher=slurm requeues jobs"):
+        validate_config(unnamed, check_files=False)  # a requeued job must find its folder

@@ -29,7 +29,12 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
     before its checkpoints and data are in place)."""
     out: list[str] = []
     if "net" not in cfg.model:  # another task (VAE training) with its own checks
-        return out + _vae_problems(cfg) + (_ckpt_problems(cfg) if check_files else [])
+        return (
+            out
+            + _vae_problems(cfg)
+            + _run_name_problems(cfg)
+            + (_ckpt_problems(cfg) if check_files else [])
+        )
     p, v, ae, net = cfg.pyramid, cfg.video, cfg.autoencoder, cfg.model.net
     k = int(p.num_stages)
     if len(p.stage_range) != k + 1:
@@ -87,7 +92,7 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
             f"{cols}; fix: data.batch_size={max(cols, bs // cols * cols)}"
         )
     out += _attention_problems(cfg)
-    out += _temporal_problems(cfg)
+    out += _temporal_problems(cfg) + _run_name_problems(cfg)
     ckpt_file = ae.get("checkpoint")
     if not check_files:
         return out
@@ -163,6 +168,19 @@ def _temporal_problems(cfg: DictConfig) -> list[str]:
     if vs is not None and len(vs) != k:
         out.append(f"sampling.video_steps={list(vs)} needs {k} entries (one per stage)")
     return out
+
+
+def _run_name_problems(cfg: DictConfig) -> list[str]:
+    """Launchers that requeue jobs (SLURM) need a run folder that survives the requeue."""
+    import re
+
+    name = str(cfg.get("run_name"))
+    if cfg.get("require_run_name") and re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}", name):
+        return [
+            f"run_name={name} is the timestamp default, but launcher=slurm requeues jobs that "
+            "must find their run folder again; fix: run_name=<a fixed name>"
+        ]
+    return []
 
 
 def _ckpt_problems(cfg: DictConfig) -> list[str]:
