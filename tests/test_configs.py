@@ -37,7 +37,8 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option):
-    cfg = compose_train([f"{group}={option}"], return_hydra_config=True)
+    needs = {("strategy", "fsdp1"): ["trainer=gpu"]}  # FSDP1 refuses the CPU (a rule below)
+    cfg = compose_train([f"{group}={option}", *needs.get((group, option), [])], True)
     HydraConfig().set_config(cfg)
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     container = OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
@@ -108,6 +109,7 @@ BAD = [
     (["temporal=autoregressive", "sampling.kv_cache=true"], "sampling.kv_cache=true needs"),
     (["sampling.video_steps=[4,4]"], "sampling.video_steps=[4, 4] needs 3"),
     (["temporal.history_timestep=clean"], "applies to temporal.mode=autoregressive only"),
+    (["strategy=fsdp1"], "strategy=fsdp1 (FSDPStrategy) refuses the CPU"),
 ]
 
 
@@ -118,3 +120,16 @@ def test_invalid_configs_are_refused_with_the_field_and_fix(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert message in str(err.value)
+
+
+def test_multirun_sweeps_refuse_relaunching_ddp_and_accept_ddp_spawn():
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    for strategy, bad in (("ddp", True), ("ddp_spawn", False)):
+        cfg = compose_train([f"strategy={strategy}"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+        HydraConfig().set_config(cfg)
+        problems = config_problems(cfg)
+        assert any("strategy=ddp_spawn for sweeps" in p for p in problems) == bad

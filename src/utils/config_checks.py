@@ -92,7 +92,7 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
             f"{cols}; fix: data.batch_size={max(cols, bs // cols * cols)}"
         )
     out += _attention_problems(cfg)
-    out += _temporal_problems(cfg) + _run_name_problems(cfg)
+    out += _temporal_problems(cfg) + _run_name_problems(cfg) + _strategy_problems(cfg)
     ckpt_file = ae.get("checkpoint")
     if not check_files:
         return out
@@ -167,6 +167,26 @@ def _temporal_problems(cfg: DictConfig) -> list[str]:
     vs = smp.get("video_steps")
     if vs is not None and len(vs) != k:
         out.append(f"sampling.video_steps={list(vs)} needs {k} entries (one per stage)")
+    return out
+
+
+def _strategy_problems(cfg: DictConfig) -> list[str]:
+    """Rules tying the strategy to where the run happens."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out, strat = [], cfg.trainer.get("strategy")
+    is_cfg = isinstance(strat, DictConfig)
+    target = str(strat.get("_target_", "")) if is_cfg else str(strat)
+    start = strat.get("start_method") if is_cfg else None
+
+    multirun = HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+    if multirun and target.endswith("DDPStrategy") and start in (None, "popen"):
+        out.append(
+            "strategy=ddp re-launches the script in child processes, which would re-run the "
+            "whole -m sweep in every rank; fix: strategy=ddp_spawn for sweeps"
+        )
+    if target.endswith("fsdp1_strategy") and str(cfg.trainer.get("accelerator")) == "cpu":
+        out.append("strategy=fsdp1 (FSDPStrategy) refuses the CPU; fix: strategy=fsdp_full")
     return out
 
 

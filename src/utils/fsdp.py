@@ -66,3 +66,17 @@ def apply_fsdp2(
     for name in getattr(net, "fsdp_forward_methods", ()):
         register_fsdp_forward_method(net, name)
     return net
+
+
+def fsdp1_strategy(sharding_strategy: str = "SHARD_GRAD_OP", state_dict_type: str = "sharded"):
+    """Lightning's FSDPStrategy (FSDP1) for older clusters: every DiT block is a wrap unit.
+    CUDA only (it refuses the CPU); gradient checkpointing stays the DiT's own ratio knob."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from src.models.dit import PyramidDiT
+
+    return FSDPStrategy(
+        auto_wrap_policy=set(PyramidDiT.block_classes),
+        sharding_strategy=sharding_strategy,
+        state_dict_type=state_dict_type,
+    )
