@@ -225,3 +225,40 @@ def test_vae_task_trains_exports_and_feeds_the_dit(tmp_path, tiny_data_dir):
         == build_autoencoder(**dict(module.hparams.autoencoder)).fingerprint
     )
     assert module.generate(["a red digit 3 moving right"], seed=0).shape == (1, 3, 9, 32, 32)
+
+
+def test_loss_guard_skips_bad_steps_and_stops_with_the_last_good_weights(
+    tmp_path, tiny_data_dir, monkeypatch
+):
+    """NaN losses skip the optimizer step (weights unchanged, counted); after
+    max_consecutive bad steps the run stops with one clear error and last_good.ckpt."""
+    from src.models.pyramid_module import PyramidFlowModule
+
+    real = PyramidFlowModule.pyramid_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the weights after the two good steps
+            calls["good"] = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        losses, per_stage = real(self, *args)
+        if calls["n"] >= 3:  # every later loss is NaN
+            losses = losses * float("nan")
+        return losses, per_stage
+
+    monkeypatch.setattr(PyramidFlowModule, "pyramid_loss", poisoned)
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_data_dir,
+        ["trainer.max_steps=50", "model.loss_guard.max_consecutive=3", "~callbacks.ema"],
+    )
+    with pytest.raises(RuntimeError, match="non-finite or above model.loss_guard.max_loss"):
+        train(cfg)
+    good = torch.load(tmp_path / "checkpoints" / "last_good.ckpt", weights_only=True)
+    saved = {k[4:]: v for k, v in good["state_dict"].items() if k.startswith("net.")}
+    assert saved.keys() == calls["good"].keys()
+    assert all(torch.equal(saved[k], v) for k, v in calls["good"].items())  # untouched
+    # Lightning still counts the skipped steps (2 good + the 2 skipped before the stop)
+    assert good["global_step"] == 4
+    rows = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/skipped_steps" in rows.splitlines()[0]

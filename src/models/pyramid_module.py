@@ -8,6 +8,7 @@ travel with checkpoints) and the frozen text encoder is a plain attribute (never
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -171,6 +172,7 @@ class PyramidFlowModule(L.LightningModule):
         temporal: dict | None = None,
         fsdp: dict | None = None,
         finetune: dict | None = None,
+        loss_guard: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -181,6 +183,7 @@ class PyramidFlowModule(L.LightningModule):
                 f"{list(TEMPORAL_MODES)}"
             )
         check_compression(self.temporal["compression"])
+        self._bad_in_a_row, self._skipped_steps = 0, 0  # loss guard counters
         self.net: PyramidDiT | None = None
         self.autoencoder = build_autoencoder(**autoencoder)
         self.autoencoder.requires_grad_(False)
@@ -377,10 +380,41 @@ class PyramidFlowModule(L.LightningModule):
         else:
             losses, per_stage = self.pyramid_loss(latents, feats, noise, r)
         loss = losses.mean()
+        if self._guard_skips(loss):
+            return None  # no backward, no optimizer step (every rank agrees)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         for st, v in per_stage.items():
             self.log(f"train/loss_stage{st}", v, batch_size=b)
         return loss
+
+    def _guard_skips(self, loss: torch.Tensor) -> bool:
+        """Skip a non-finite or spiking loss (model.loss_guard.max_loss, the reference's 2.0
+        guard); after max_consecutive skipped steps save the last good weights and stop."""
+        guard = self.hparams.loss_guard or {}
+        max_loss = guard.get("max_loss")
+        bad = not bool(torch.isfinite(loss)) or (max_loss is not None and loss.item() > max_loss)
+        trainer = self._trainer
+        if trainer is not None:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self._bad_in_a_row = 0
+            return False
+        self._bad_in_a_row += 1
+        self._skipped_steps += 1
+        self.log("train/skipped_steps", float(self._skipped_steps))
+        limit = int(guard.get("max_consecutive", 20))
+        if self._bad_in_a_row >= limit:
+            path = None
+            if trainer is not None:
+                path = Path(trainer.default_root_dir) / "checkpoints" / "last_good.ckpt"
+                trainer.save_checkpoint(path)  # weights untouched by the skipped steps
+            raise RuntimeError(
+                f"the training loss was non-finite or above model.loss_guard.max_loss="
+                f"{max_loss} for {limit} steps in a row (last {float(loss):.4g}); the weights "
+                f"from before them are in {path}; fix: lower model.optim.lr, check the data, "
+                "or raise model.loss_guard.max_consecutive"
+            )
+        return True
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Every stage on every held-out sample, with fixed noise and a fixed grid of ratios."""
