@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from src.flow.pyramid import data_pyramid
-
 
 def check_compression(compression: int) -> int:
     c = int(compression)
@@ -98,11 +96,6 @@ def corrupt_history(
         eps = torch.randn(h.shape, generator=generator, dtype=h.dtype, device=h.device)
         out.append(s.to(h.dtype) * eps + (1 - s.to(h.dtype)) * h)
     return out
-
-
-def history_pyramid(latents: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
-    """The clean latent pyramid history is cut from (alias of `data_pyramid`, for clarity)."""
-    return data_pyramid(latents, num_stages)
 
 
 def frame_positions(step: int, rank: int, world_size: int, num_frames: int) -> tuple[int, int]:

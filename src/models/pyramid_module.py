@@ -33,6 +33,28 @@ TEMPORAL_MODES = ("full_sequence", "autoregressive")
 FULL_SEQUENCE = {"mode": "full_sequence", "compression": 1, "corrupt_ratio": 0.0}
 
 
+def _packed_losses(net, plan, samples, tokens, mask, pooled, batch, histories=None, causal=None):
+    """One packed DiT pass over the stage columns of `plan` (their PathSamples, optional
+    histories), then the (B,) per-sample losses and the mean loss of every stage present."""
+    preds = net.forward_packed(
+        [s.x_t for s in samples],
+        [s.timestep.float() for s in samples],
+        [tokens[idx] for _, idx in plan],
+        [mask[idx] for _, idx in plan],
+        [pooled[idx] for _, idx in plan],
+        histories,
+        causal,
+    )
+    losses = torch.zeros(batch, device=tokens.device)
+    for (_, idx), s, pred in zip(plan, samples, preds):
+        losses[idx] = per_sample_mse(pred, s.target)
+    per_stage = {
+        st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
+        for st in sorted({s for s, _ in plan})
+    }
+    return losses, per_stage
+
+
 def packed_pyramid_loss(
     net: PyramidDiT,
     path: PyramidPath,
@@ -51,21 +73,7 @@ def packed_pyramid_loss(
     """
     plan = column_plan(latents.shape[0], ratios)
     samples = [path.sample(latents[idx], noise[idx], stage, r[idx]) for stage, idx in plan]
-    preds = net.forward_packed(
-        [s.x_t for s in samples],
-        [s.timestep.float() for s in samples],
-        [tokens[idx] for _, idx in plan],
-        [mask[idx] for _, idx in plan],
-        [pooled[idx] for _, idx in plan],
-    )
-    losses = torch.zeros(latents.shape[0], device=latents.device)
-    for (_, idx), s, pred in zip(plan, samples, preds):
-        losses[idx] = per_sample_mse(pred, s.target)
-    per_stage = {
-        st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
-        for st in sorted({s for s, _ in plan})
-    }
-    return losses, per_stage
+    return _packed_losses(net, plan, samples, tokens, mask, pooled, latents.shape[0])
 
 
 def packed_autoregressive_loss(
@@ -100,23 +108,8 @@ def packed_autoregressive_loss(
         samples.append(path.sample(x_u, n_u, stage, r[idx]))
         hist = build_history([lv[idx] for lv in levels], u, stage, compression)
         histories.append(corrupt_history(hist, history_sigma[idx]))
-    preds = net.forward_packed(
-        [s.x_t for s in samples],
-        [s.timestep.float() for s in samples],
-        [tokens[idx] for _, idx in plan],
-        [mask[idx] for _, idx in plan],
-        [pooled[idx] for _, idx in plan],
-        histories,
-        causal=True,
-    )
-    losses = torch.zeros(latents.shape[0], device=latents.device)
-    for (_, idx), s, pred in zip(plan, samples, preds):
-        losses[idx] = per_sample_mse(pred, s.target)
-    per_stage = {
-        st: torch.cat([losses[idx] for s, idx in plan if s == st]).mean()
-        for st in sorted({s for s, _ in plan})
-    }
-    return losses, per_stage
+    b = latents.shape[0]
+    return _packed_losses(net, plan, samples, tokens, mask, pooled, b, histories, causal=True)
 
 
 def frame_velocity_factory(

@@ -25,7 +25,11 @@ from omegaconf import DictConfig
 
 from src.flow.pyramid import stage_columns
 from src.models.dit import PyramidDiT
-from src.utils.flops import autoregressive_tokens_per_column, dit_forward_flops
+from src.utils.flops import (
+    autoregressive_tokens_per_column,
+    dit_forward_flops,
+    pyramid_tokens_per_stage,
+)
 
 SHARDING = ("ddp", "zero2", "zero3", "hybrid")
 A100_BF16_PEAK = 312e12  # FLOP/s, dense bf16
@@ -80,7 +84,7 @@ def estimate(
     params = meta_parameter_count(net_cfg)
     c, t, h, w = latent_shape(cfg)
     k, p = int(cfg.pyramid.num_stages), int(net_cfg["patch_size"])
-    per_frame = [(h // 2 ** (k - 1 - i) // p) * (w // 2 ** (k - 1 - i) // p) for i in range(k)]
+    per_frame = pyramid_tokens_per_stage(1, h, w, p, k)
     cols = stage_columns(list(cfg.pyramid.stage_sample_ratios))
     ar = cfg.temporal.mode == "autoregressive"
     table = autoregressive_tokens_per_column(
