@@ -10,7 +10,10 @@ Prints one table and writes it to docs/benchmarks.md (with the machine and torch
   on-the-fly VAE encoding vs pre-extracted latents (src/extract.py), same DiT and batch;
 - the temporal pyramid (K = 3): video tokens per training sample, training samples/s and
   sampling s/video for full_sequence vs autoregressive with compression 1 and 2, KV-cached vs
-  uncached sampling, and a second table of per-frame sampling cost against history length.
+  uncached sampling, and a second table of per-frame sampling cost against history length;
+- model FLOP utilisation (MFU) of the training steps against this machine's measured bf16
+  matrix-product peak; on a CUDA machine also one real bf16 training step of the paper's
+  384p 2 B DiT (scripts/gpu_step.py) with its memory next to the pre-flight estimate.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_step import compose, matmul_peak, run_variant  # scripts/ (sys.path[0])
 
 from src.flow.pyramid import PyramidPath, block_noise, column_plan
 from src.flow.schedules import build_stage_schedule, sample_ratios
@@ -401,6 +405,30 @@ def temporal_rows(args) -> tuple[list[tuple[str, ...]], str]:
     return rows, "\n".join(lines)
 
 
+def gpu_rows() -> list[tuple[str, ...]]:
+    """One real bf16 training step of the 384p 2 B DiT on this machine's GPU, if it has one."""
+    if not torch.cuda.is_available():
+        return [("GPU: 384p 2 B DiT training step", "skipped: no CUDA device", "-", "-", "-")]
+    dev = torch.device("cuda")
+    cfg = compose(["experiment=pyramid_384p"])
+    gpu_peak = matmul_peak(dev)
+    out = []
+    for backend, compiled in (("sdpa_segments", False), ("sdpa_segments", True)):
+        r = run_variant(cfg, dev, backend, 0.0, None, 2, compiled)
+        name = f"{torch.cuda.get_device_name(dev)}, {backend}{' + compile' if compiled else ''}"
+        out.append(
+            (
+                f"GPU 384p 2 B DiT step (batch {r['micro_batch']}): s/step, MFU vs measured "
+                f"matmul {gpu_peak / 1e12:.0f} TFLOP/s, peak GiB",
+                name,
+                f"{r['step_s_mean']:.3f} s",
+                f"MFU {r['achieved_flops'] / gpu_peak:.1%}",
+                f"{r['peak_allocated_gib']:.1f} GiB",
+            )
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="dit_s")
@@ -419,6 +447,7 @@ def main() -> None:
 
     rows = []  # (measurement, K=1 value, K=3 value, measured ratio, predicted ratio)
     bf16 = torch.bfloat16
+    peak = matmul_peak(torch.device("cpu"), n=1024, reps=5)
     for batch in args.batches:
         args.batch = batch
         flat, pyr = Setup(args, 1), Setup(args, 3)
@@ -442,6 +471,18 @@ def main() -> None:
                 f"{batch / t3:.1f}",
                 f"{t1 / t3:.2f}x",
                 f"{pred:.2f}x",
+            )
+        )
+        mfu1 = batch * flat.predicted_train_flops_per_sample() / t1 / peak
+        mfu3 = batch * pyr.predicted_train_flops_per_sample() / t3 / peak
+        rows.append(
+            (
+                f"training MFU, batch {batch}, vs measured bf16 matmul peak "
+                f"{peak / 1e9:.0f} GFLOP/s",
+                f"{mfu1:.1%}",
+                f"{mfu3:.1%}",
+                "-",
+                "-",
             )
         )
     n, nv = args.steps, args.sample_batch
@@ -485,6 +526,7 @@ def main() -> None:
     args.batch = args.batches[0]
     ar_rows, frame_table = temporal_rows(args)
     rows += ar_rows
+    rows += gpu_rows()
 
     header = (
         "| measurement | K=1 (flat) / baseline | K=3 (pyramid) / ours | measured "

@@ -96,6 +96,10 @@ BAD = [
     (["data.batch_size=6"], "data.batch_size=6 must be divisible by"),
     (["model.net.attn_backend=flash3"], "model.net.attn_backend=flash3 is unknown"),
     (["model.net.attn_backend=flex"], "model.net.attn_backend=flex has no backward on the CPU"),
+    (
+        ["model.net.attn_backend=flex", "model.net.compile_blocks=true"],
+        "model.net.compile_blocks=true cannot be combined with model.net.attn_backend=flex",
+    ),
     (["model.net.attn_backend=flash"], "model.net.attn_backend=flash needs CUDA"),
     (
         ["autoencoder=space_to_depth", "autoencoder.latent_channels=64"],

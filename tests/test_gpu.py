@@ -33,7 +33,9 @@ def _inputs(device):
     return xs, ts, ctx, mask, pooled
 
 
-def test_cuda_fp32_matches_cpu_and_bf16_is_close():
+def test_cuda_fp32_matches_cpu_and_bf16_is_close(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     net = _net().eval()
     cpu = [o for o in net.forward_packed(*_inputs("cpu"))]
     net = net.cuda()
@@ -42,7 +44,8 @@ def test_cuda_fp32_matches_cpu_and_bf16_is_close():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = net.forward_packed(*_inputs("cuda"))
     for c, g, b in zip(cpu, gpu, bf16):
-        assert torch.allclose(c, g.cpu(), atol=1e-4)
+        # fp32 on both, different reduction orders: ~1e-4 on outputs of magnitude ~5 (H200)
+        assert torch.allclose(c, g.cpu(), atol=5e-4, rtol=1e-4)
         rel = (b.float().cpu() - c).norm() / c.norm()
         assert rel < 0.05, rel
 

@@ -184,6 +184,7 @@ class PyramidDiT(nn.Module):
         attn_backend: str = "sdpa_segments",
         grad_checkpointing: float = 0.0,
         history_timestep: str = "current",
+        compile_blocks: bool = False,
     ):
         super().__init__()
         head_dim = hidden_size // num_heads
@@ -201,6 +202,7 @@ class PyramidDiT(nn.Module):
             )
         self.attn_backend, self.grad_checkpointing = attn_backend, grad_checkpointing
         self.history_timestep = history_timestep
+        self.compile_blocks = compile_blocks  # applied by compile_regions(), after sharding
         self.x_embedder = nn.Linear(in_channels * patch_size**2, hidden_size)
         self.context_embedder = nn.Linear(text_dim, hidden_size)
         self.time_embedder = MLPEmbedder(256, hidden_size)
@@ -400,6 +402,20 @@ class PyramidDiT(nn.Module):
             outs.append(unpatchify(out[:, start : start + n], p, ch, t, h, w))
             start += n
         return outs
+
+    def compile_regions(self) -> None:
+        """Regional compilation: torch.compile every block in place (one graph per block class,
+        dynamic token counts). Measured on an H200 (docs/benchmarks_gpu.md): 1.8x faster
+        training steps of the 2 B DiT and less activation memory (elementwise ops fused).
+        Call after FSDP wrapping and LoRA injection, as torch's regional-compilation recipe
+        does; not combinable with the flex backend (Inductor fails on its dynamic block mask)."""
+        if self.attn_backend == "flex":
+            raise ValueError(
+                "model.net.compile_blocks=true cannot be combined with model.net.attn_backend="
+                "flex (Inductor fails on the dynamic block mask); fix: attn_backend=sdpa_segments"
+            )
+        for blk in [*self.double_blocks, *self.single_blocks]:
+            blk.compile(dynamic=True)
 
     def _run(self, block, args, use_checkpoint):
         if use_checkpoint and self.training and torch.is_grad_enabled():

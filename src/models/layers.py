@@ -115,7 +115,7 @@ def _flex_attention(q, k, v, layout: PackedLayout) -> torch.Tensor:
         layout._flex_mask = mask
     if q.is_cuda:
         if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+            _COMPILED_FLEX = torch.compile(flex_attention)  # dynamic after the 1st new shape
         return _COMPILED_FLEX(q, k, v, block_mask=mask)
     return flex_attention(q, k, v, block_mask=mask)
 
@@ -126,14 +126,14 @@ def _flash_varlen(q, k, v, layout: PackedLayout) -> torch.Tensor:
     if layout.frame_ids is not None:
         raise ValueError(
             "model.net.attn_backend=flash cannot apply the block-causal frame mask of "
-            "temporal=autoregressive; fix: model.net.attn_backend=flex (or sdpa)"
+            "temporal=autoregressive; fix: model.net.attn_backend=sdpa_segments (or flex)"
         )
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as exn:
         raise ImportError(
             "model.net.attn_backend=flash needs the flash-attn package (CUDA only, optional: "
-            "pip install flash-attn); fix: model.net.attn_backend=flex or sdpa"
+            "pip install flash-attn); fix: model.net.attn_backend=sdpa_segments"
         ) from exn
     b, h, n, d = q.shape
     seg, valid = layout.segment_ids(), layout.key_valid  # (N,), (B, N)

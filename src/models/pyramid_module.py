@@ -225,6 +225,8 @@ class PyramidFlowModule(L.LightningModule):
             from src.utils.fsdp import apply_fsdp2
 
             apply_fsdp2(self.net, mesh, **self.hparams.fsdp)
+        if self.net.compile_blocks:  # after sharding and LoRA (regional compilation)
+            self.net.compile_regions()
 
     def on_fit_start(self) -> None:
         """Fit a data-fitted autoencoder (PCA) on training videos unless a checkpoint had it.

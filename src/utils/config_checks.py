@@ -116,6 +116,12 @@ def _attention_problems(cfg: DictConfig) -> list[str]:
             f"model.net.attn_backend={backend} is unknown; fix: sdpa, sdpa_segments, flex "
             "(GPU, masks with packing) or flash (GPU, flash-attn, no frame mask)"
         ]
+    if backend == "flex" and cfg.model.net.get("compile_blocks", False):
+        return [
+            "model.net.compile_blocks=true cannot be combined with model.net.attn_backend=flex "
+            "(Inductor fails on the dynamic block mask, torch 2.11 on an H200); fix: "
+            "model.net.attn_backend=sdpa_segments (measured faster) or compile_blocks=false"
+        ]
     if backend == "flex" and on_cpu and cfg.get("train", True):
         return [
             "model.net.attn_backend=flex has no backward on the CPU in this torch; fix: "
@@ -130,7 +136,7 @@ def _attention_problems(cfg: DictConfig) -> list[str]:
         if cfg.temporal.mode == "autoregressive":
             return [
                 "model.net.attn_backend=flash cannot apply the block-causal frame mask of "
-                "temporal=autoregressive; fix: model.net.attn_backend=flex"
+                "temporal=autoregressive; fix: model.net.attn_backend=sdpa_segments (or flex)"
             ]
     return []
 

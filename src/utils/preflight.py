@@ -10,6 +10,9 @@ Memory model (estimates, stated so they can be checked against a real run):
 - model state per parameter: fp32 master weights 4 B, fp32 gradients 4 B, AdamW moments 8 B;
   `ddp` replicates all 16 B; `zero2` (FSDP SHARD_GRAD_OP) shards gradients and moments;
   `zero3` (FSDP FULL_SHARD) shards everything; `hybrid` is zero3 within a node;
+- bf16 working copies of the weights, 2 B per parameter, under `ddp` (autocast keeps the cast
+  weights of the whole forward for the backward); FSDP's bf16 all-gathers are per block and
+  transient, so they are not counted there;
 - activations (bf16): a block that is not checkpointed keeps about 34 d bytes per token
   (Korthikanti et al. 2022, with a fused attention kernel: no s^2 term); a checkpointed block
   keeps its input (2 d bytes per token) and one block is recomputed at a time;
@@ -52,11 +55,12 @@ def meta_parameter_count(net_cfg: dict) -> int:
 
 
 def model_state_bytes(params: int, sharding: str, world: int, gpus_per_node: int) -> float:
-    """Bytes of weights + gradients + AdamW moments per GPU (fp32 master weights)."""
+    """Bytes of weights + gradients + AdamW moments per GPU (fp32 master weights), plus the
+    bf16 working copies under ddp."""
     if sharding not in SHARDING:
         raise ValueError(f"preflight sharding={sharding!r} is unknown; fix: one of {SHARDING}")
     if sharding == "ddp":
-        return 16.0 * params
+        return 18.0 * params  # + the bf16 autocast copies
     if sharding == "zero2":
         return 4.0 * params + 12.0 * params / world
     shards = gpus_per_node if sharding == "hybrid" else world
