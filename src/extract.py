@@ -63,8 +63,8 @@ def read_clips(split_dir: Path, data: DictConfig, limit: int | None = None):
             f"scripts/make_shards.py digits --out {split_dir.parent}` (or `... folder`), or "
             "drop the split from `splits`"
         )
-    decoder = ClipDecoder(
-        int(data.num_frames), int(data.height), int(data.width), train=False, seed=0
+    decoder = ClipDecoder(  # extraction records every bad video and never stops on them
+        int(data.num_frames), int(data.height), int(data.width), False, 0, max_bad_fraction=1.0
     )
     clips = iter(val_pipeline(urls, decoder, batch_size=None, split_by_node=False))
     return decoder, islice(clips, limit)

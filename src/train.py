@@ -32,6 +32,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if last.exists():  # a file, or a directory for sharded (FSDP) checkpoints
         log.info(f"Resuming from {last}")
         return str(last)
+    old = last.with_name(last.name + ".old")  # a kill between the two renames of a sharded save
+    if old.is_dir():
+        log.info(f"Resuming from {old} (the save that replaced it did not finish)")
+        return str(old)
     log.info(f"ckpt_path=last but {last} does not exist yet: starting a new run")
     return None
 
@@ -49,6 +53,8 @@ def train(cfg: DictConfig) -> dict:
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    if cfg.get("train", True) and hasattr(datamodule, "check_sources"):
+        datamodule.check_sources()  # missing/empty shard folders fail before a model is built
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

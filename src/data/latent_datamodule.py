@@ -53,6 +53,7 @@ class LatentDataModule(ShardStreamDataModule):
         batches_per_epoch: training batches per epoch on every rank.
         val_batches: validation batches per rank.
         seed: seed of the data streams (shard sampling, shuffling).
+        max_bad_fraction: share of bad samples per stream that stops the run (see pipeline).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class LatentDataModule(ShardStreamDataModule):
         batches_per_epoch: int = 500,
         val_batches: int = 2,
         seed: int = 0,
+        max_bad_fraction: float = 0.25,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -89,7 +91,13 @@ class LatentDataModule(ShardStreamDataModule):
         except (FileNotFoundError, ValueError) as exn:
             raise type(exn)(f"data.data_dir={str(self.data_dir)!r}: {exn}") from None
         self._register(split, manifest)
-        return [str(f) for f in shard_files(split_dir)]
+        files = shard_files(split_dir)
+        if not files:
+            raise FileNotFoundError(
+                f"data.data_dir={str(self.data_dir)!r}: {split_dir} has a manifest but no "
+                "*.tar shards; fix: re-extract them with `python src/extract.py`"
+            )
+        return [str(f) for f in files]
 
     def _register(self, split: str, manifest: dict) -> None:
         """Keep the split's manifest and decoder; train and val must share one latent space."""
@@ -102,7 +110,12 @@ class LatentDataModule(ShardStreamDataModule):
                         "`python src/extract.py` run"
                     )
         self.manifests[split] = manifest
-        decoder = LatentDecoder(manifest, train=split == "train", seed=self.hparams.seed)
+        decoder = LatentDecoder(
+            manifest,
+            train=split == "train",
+            seed=self.hparams.seed,
+            max_bad_fraction=self.hparams.max_bad_fraction,
+        )
         if split == "train":
             self.train_decoder = decoder
         else:

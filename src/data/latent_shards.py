@@ -304,8 +304,10 @@ class LatentDecoder(SampleDecoder):
 
     regenerate_hint = "re-extract them with `python src/extract.py`"
 
-    def __init__(self, manifest: dict, train: bool = False, seed: int = 0):
-        super().__init__(train, seed)
+    def __init__(
+        self, manifest: dict, train: bool = False, seed: int = 0, max_bad_fraction: float = 0.25
+    ):
+        super().__init__(train, seed, max_bad_fraction)
         text = manifest["text_encoder"]
         self.latent_channels = int(manifest["latent_channels"])
         self.latent_dtype = manifest["latent_dtype"]

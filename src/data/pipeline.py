@@ -10,7 +10,11 @@ Training streams are resampled (infinite, with replacement), split by node and b
 seeded from ``(seed, rank, worker, epoch)`` so every run is reproducible; validation streams read
 their shards once, in order. A bad sample or shard is skipped with a warning and counted in
 ``ClipDecoder.skipped`` (per process: each DataLoader worker keeps its own copy), never fatal;
-only a stream that yields nothing but bad samples for a long time raises.
+every decoded sample's ``meta`` carries its stream's running counts (``data_stream``,
+``data_seen``, ``data_skipped``) so the trainer can log ``data/skipped`` (callback
+``DataHealth``). A stream stops with one clear error only when the bad fraction exceeds
+``max_bad_fraction`` (after ``min_samples`` samples) or when it yields nothing but bad samples
+for a long time.
 
 Nothing read from a shard is ever unpickled: members are raw bytes decoded explicitly here (no
 webdataset default decoders), and a member with a pickle-capable extension (``.pth``, ``.pt``,
@@ -38,6 +42,7 @@ from src.data.video_io import read_mp4
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 1000
+MIN_SAMPLES_FOR_FRACTION = 100  # bad-fraction checks start after this many samples per stream
 # extensions whose usual readers (torch.load, pickle, numpy object arrays) can run code
 PICKLE_SUFFIXES = frozenset({"pth", "pt", "pyd", "pickle", "pkl", "ckpt"})
 VIDEO_MEMBERS = ("mp4", "txt", "json")
@@ -130,10 +135,23 @@ class SampleDecoder(ABC):
 
     regenerate_hint = "regenerate them with scripts/make_shards.py"
 
-    def __init__(self, train: bool, seed: int = 0):
+    def __init__(
+        self,
+        train: bool,
+        seed: int = 0,
+        max_bad_fraction: float = 0.25,
+        min_samples: int | None = None,
+    ):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(
+                f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1]; fix: e.g. 0.25"
+            )
         self.train = train
         self.seed = seed
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = MIN_SAMPLES_FOR_FRACTION if min_samples is None else min_samples
         self.skipped: Counter[str] = Counter()
+        self.decoded = 0
         self._epoch = -1
         self._consecutive = 0
 
@@ -141,6 +159,14 @@ class SampleDecoder(ABC):
         self.skipped[reason] += 1
         self._consecutive += 1
         log.warning("skipping sample %s (%s): %s", key, reason, detail)
+        bad = sum(self.skipped.values())
+        seen = bad + self.decoded
+        if seen >= self.min_samples and bad > self.max_bad_fraction * seen:
+            raise RuntimeError(
+                f"data.max_bad_fraction={self.max_bad_fraction} exceeded: {bad} of {seen} "
+                f"samples in this data stream were bad ({dict(self.skipped)}); fix: repair "
+                f"the shards ({self.regenerate_hint}) or raise data.max_bad_fraction"
+            )
         if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
             raise RuntimeError(
                 f"{self._consecutive} bad samples in a row and none usable "
@@ -168,6 +194,14 @@ class SampleDecoder(ABC):
                 self._skip(exn.reason, sample.get("__key__", "?"), str(exn))
                 continue
             self._consecutive = 0
+            self.decoded += 1
+            if isinstance(out.get("meta"), dict):  # running counts, for data/skipped
+                info = torch.utils.data.get_worker_info()
+                out["meta"].update(
+                    data_stream=f"{'train' if self.train else 'val'}:{info.id if info else 0}",
+                    data_seen=self.decoded + sum(self.skipped.values()),
+                    data_skipped=sum(self.skipped.values()),
+                )
             yield out
 
 
@@ -181,10 +215,20 @@ class ClipDecoder(SampleDecoder):
         width: clip width in pixels.
         train: random temporal crops (True) or deterministic ones (False).
         seed: base seed of the temporal-crop RNG.
+        max_bad_fraction: stop (one clear error) when more than this share of the stream's
+            samples was bad, after ``MIN_SAMPLES_FOR_FRACTION`` samples.
     """
 
-    def __init__(self, num_frames: int, height: int, width: int, train: bool, seed: int = 0):
-        super().__init__(train, seed)
+    def __init__(
+        self,
+        num_frames: int,
+        height: int,
+        width: int,
+        train: bool,
+        seed: int = 0,
+        max_bad_fraction: float = 0.25,
+    ):
+        super().__init__(train, seed, max_bad_fraction)
         self.num_frames = num_frames
         self.height = height
         self.width = width

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from itertools import islice
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from lightning import LightningDataModule
 
@@ -74,6 +75,17 @@ class ShardStreamDataModule(LightningDataModule, ABC):
             return self.trainer.world_size
         return int(os.environ.get("WORLD_SIZE", 1))
 
+    def check_sources(self) -> None:
+        """Before any model is built: every split that training reads must have readable
+        shards (one line naming data.data_dir and the fix otherwise). Read-only."""
+        for split in ("train", "val"):
+            if not self._generated_later(split):
+                self._urls(split)
+
+    def _generated_later(self, split: str) -> bool:
+        """True when prepare_data will write the split's missing shards."""
+        return False
+
     def setup(self, stage: str | None = None) -> None:
         """Find the shard URLs; fail fast, in one line, when a needed split has none."""
         if stage in (None, "fit"):
@@ -108,6 +120,9 @@ class ShardStreamDataModule(LightningDataModule, ABC):
             batch_size=None,  # batches are formed inside the workers
             num_workers=num_workers,
             persistent_workers=num_workers > 0,  # workers keep their epoch counters
+            # its own generator: creating an iterator draws a base seed, which must not move
+            # the training RNG (a resumed run would otherwise draw different noise)
+            generator=torch.Generator().manual_seed(int(self.hparams.seed)),
         )
         return loader.with_epoch(num_batches)
 
@@ -115,14 +130,17 @@ class ShardStreamDataModule(LightningDataModule, ABC):
         hp = self.hparams
         if not self.train_urls:
             self.setup("fit")
-        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        first_epoch = 0
+        if self.trainer is not None:  # resumed: the next unused epoch of the stream, whole
+            done = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            first_epoch = -(-done // hp.batches_per_epoch)
         dataset = train_pipeline(
             self.train_urls,
             self.train_decoder,
             hp.batch_size,
             hp.shuffle_buffer,
             hp.seed,
-            first_epoch=first_epoch,  # a resumed run continues the stream, not replays it
+            first_epoch=first_epoch,  # a fresh epoch of the stream, never a replay
             batcher=self.batcher(hp.batch_size),
         )
         return self._loader(dataset, hp.num_workers, hp.batches_per_epoch)
@@ -189,12 +207,18 @@ class WebVideoDataModule(ShardStreamDataModule):
         num_train: int = 4000,
         num_val: int = 256,
         samples_per_shard: int = 250,
+        max_bad_fraction: float = 0.25,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir)
-        self.train_decoder = ClipDecoder(num_frames, height, width, train=True, seed=seed)
-        self.val_decoder = ClipDecoder(num_frames, height, width, train=False, seed=seed)
+        self.train_decoder, self.val_decoder = (
+            ClipDecoder(num_frames, height, width, train=t, seed=seed, max_bad_fraction=f)
+            for t, f in ((True, max_bad_fraction), (False, max_bad_fraction))
+        )
+
+    def _generated_later(self, split: str) -> bool:
+        return bool(self.hparams.generate_digits) and not shard_files(self.data_dir / split)
 
     def prepare_data(self) -> None:
         """Render the moving-digits shards into every split folder that has none."""

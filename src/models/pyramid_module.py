@@ -411,6 +411,19 @@ class PyramidFlowModule(L.LightningModule):
             )
         return True
 
+    def on_validation_start(self) -> None:
+        """Validation must not move the training RNG: the trajectory of a run is then the same
+        whatever val_check_interval is, and a resumed run matches an uninterrupted one."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._train_rng = (torch.get_rng_state(), cuda)
+
+    def on_validation_end(self) -> None:
+        cpu, cuda = getattr(self, "_train_rng", (None, None))
+        if cpu is not None:
+            torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Every stage on every held-out sample, with fixed noise and a fixed grid of ratios."""
         latents = self.batch_latents(batch)

@@ -9,11 +9,47 @@ is its own FSDP unit (the blocks the reference auto-wraps), then the root.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """ModelParallelStrategy whose sharded checkpoint folders are replaced atomically.
+
+    Lightning writes a sharded checkpoint into the existing folder in place, so a kill while
+    saving would mix two steps. Here every rank writes into ``<name>.partial``; then rank 0
+    moves the old folder to ``<name>.old``, the new one into place and deletes the old one.
+    A kill at any point leaves a complete checkpoint at ``<name>`` or ``<name>.old``
+    (``ckpt_path=last`` falls back to the latter, see ``src.train.resolve_ckpt_path``).
+    """
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # left by a kill during an earlier save
+        self.barrier("atomic_save_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("atomic_save_written")
+        if self.global_rank == 0:
+            if old.exists():
+                shutil.rmtree(old)
+            if path.is_dir():
+                path.rename(old)
+            elif path.exists():
+                path.unlink()
+            partial.rename(path)
+            if old.exists():
+                shutil.rmtree(old)
+        self.barrier("atomic_save_done")
 
 
 def fsdp2_strategy(devices: int, num_nodes: int = 1, **kwargs) -> ModelParallelStrategy:
@@ -23,7 +59,7 @@ def fsdp2_strategy(devices: int, num_nodes: int = 1, **kwargs) -> ModelParallelS
             f"trainer.devices={devices!r} must be an integer for the fsdp strategies (the "
             "device mesh is built from it); fix: e.g. trainer.devices=8"
         )
-    return ModelParallelStrategy(
+    return AtomicModelParallelStrategy(
         data_parallel_size=devices * num_nodes, tensor_parallel_size=1, **kwargs
     )
 

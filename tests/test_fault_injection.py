@@ -1,0 +1,131 @@
+"""Fault injection in real training processes (slow tier): SIGKILL mid-run then resume with
+ckpt_path=last equals an uninterrupted run; a crash while writing a checkpoint leaves the
+previous one loadable."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cli import ENV, run
+
+COMMON = [
+    "src/train.py",
+    "experiment=tiny",
+    "trainer.max_steps=8",
+    # one epoch = 2 batches = one checkpoint interval: every checkpoint lies on an epoch
+    # boundary, where the resumed data stream is the uninterrupted one's (deterministic order)
+    "data.batches_per_epoch=2",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.ema.start_step=0",
+]
+
+
+def _train(tmp_path: Path, data: Path, name: str, *extra: str):
+    return run([*COMMON, f"paths.data_dir={data}", f"paths.log_dir={tmp_path}", f"run_name={name}",
+                *extra])  # fmt: skip
+
+
+def _last(tmp_path: Path, name: str) -> dict:
+    path = tmp_path / "train" / "runs" / name / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_data_dir):
+    res = _train(tmp_path, tiny_data_dir, "whole")
+    assert res.returncode == 0, res.stderr[-3000:]
+    kill = [
+        "+callbacks.fault._target_=tests.fault_injection.KillAtStep",
+        "+callbacks.fault.step=5",
+    ]
+    res = _train(tmp_path, tiny_data_dir, "killed", *kill)
+    assert res.returncode == -signal.SIGKILL  # really killed, no cleanup
+    assert _last(tmp_path, "killed")["global_step"] == 4
+    res = _train(tmp_path, tiny_data_dir, "killed", "ckpt_path=last")
+    assert res.returncode == 0, res.stderr[-3000:]
+    whole, resumed = _last(tmp_path, "whole"), _last(tmp_path, "killed")
+    assert whole["global_step"] == resumed["global_step"] == 8
+    # state_dict holds the EMA weights (Lightning's WeightAveraging), current_model_state the
+    # raw ones: both, the AdamW moments, the LR schedule and the callbacks' counters must match
+    for part in ("state_dict", "current_model_state"):
+        for key, value in whole[part].items():
+            assert torch.allclose(value, resumed[part][key], atol=1e-6), (part, key)
+    opt_a, opt_b = whole["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]
+    for i in opt_a:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(opt_a[i][k], opt_b[i][k], atol=1e-6), (i, k)
+    for name in ("EMA", "ComputeAccounting"):
+        assert whole["callbacks"][name] == resumed["callbacks"][name], name
+    assert whole["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
+    tmp_path, monkeypatch
+):
+    """Lightning's TorchCheckpointIO (the strategies' default) writes through an fsspec
+    transaction: the bytes go to a temporary file that replaces the target only when complete."""
+    import fsspec.implementations.local as fl
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    last = tmp_path / "last.ckpt"
+    io = TorchCheckpointIO()
+    io.save_checkpoint({"global_step": 4, "w": torch.ones(1000)}, last)
+    write = fl.LocalFileOpener.write
+
+    def dies_half_way(self, data):
+        write(self, bytes(data)[: len(data) // 2])
+        raise KeyboardInterrupt  # the process dies in the middle of the write
+
+    monkeypatch.setattr(fl.LocalFileOpener, "write", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 6, "w": torch.zeros(1000)}, last)
+    monkeypatch.undo()
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4 and torch.equal(ckpt["w"], torch.ones(1000))
+
+
+def test_resume_falls_back_to_the_old_sharded_folder_after_a_kill_between_renames(tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.train import resolve_ckpt_path
+
+    cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path)}})
+    ckpts = tmp_path / "checkpoints"
+    assert resolve_ckpt_path(cfg) is None  # nothing yet: a fresh run
+    (ckpts / "last.ckpt.old").mkdir(parents=True)
+    (ckpts / "last.ckpt.partial").mkdir()  # an unfinished new save is never used
+    assert resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt.old")
+    (ckpts / "last.ckpt").mkdir()
+    assert resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_writes_last_checkpoint_stops_and_requeues_under_slurm(
+    tmp_path, tiny_data_dir, sig, monkeypatch
+):
+    bin_dir = tmp_path / "bin"  # a fake scontrol that records how it was called
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setitem(ENV, "PATH", f"{bin_dir}:{ENV['PATH']}")
+    monkeypatch.setitem(ENV, "SLURM_JOB_ID", "4242")
+    extra = [
+        "trainer.max_steps=50",
+        "data.batches_per_epoch=100",
+        "+callbacks.fault._target_=tests.fault_injection.SignalAtStep",
+        "+callbacks.fault.step=3",
+        f"+callbacks.fault.signal={sig}",
+    ]
+    res = _train(tmp_path, tiny_data_dir, "preempted", *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"received {sig} at step" in res.stdout + res.stderr
+    assert _last(tmp_path, "preempted")["global_step"] == 4  # the step in flight finishes
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    res = _train(tmp_path, tiny_data_dir, "preempted", "ckpt_path=last")  # the requeued job
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _last(tmp_path, "preempted")["global_step"] == 8
