@@ -118,6 +118,10 @@ def test_make_eval_writes_a_reproducible_report(tmp_path, tiny_data_dir):
     assert {"torch", "lightning", "numpy"} <= set(saved["packages"])
     for key in ("digit_acc", "color_acc", "direction_acc", "identity_consistency", "fvd"):
         assert 0.0 <= saved["scores"][key] < float("inf"), key
+    assert -1.0 <= saved["scores"]["blockiness"] <= 1.0  # mean of the per-video values
+    assert saved["scores"]["blockiness"] == pytest.approx(
+        np.mean([json.loads(x)["blockiness"] for x in (out / "videos.jsonl").open()])
+    )
     before = [read_mp4(out / f"{i:04d}.mp4").astype(int) for i in range(4)]
     again = evaluate(cfg)  # fixed seeds: the same videos (to CPU float noise) and numbers
     for i, old in enumerate(before):

@@ -29,9 +29,12 @@ def test_tiny_training_writes_checkpoint_and_finite_losses(cfg_train):
     for key in [f"val/loss_sigma_{a:.2f}-{a + 0.25:.2f}" for a in (0.0, 0.25, 0.5, 0.75)]:
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
     header = rows[0].split(",")
-    assert {"val/digits_digit_acc", "val/digits_color_acc", "val/digits_persistence"} <= set(
-        header
-    )
+    assert {
+        "val/digits_digit_acc",
+        "val/digits_color_acc",
+        "val/digits_persistence",
+        "val/blockiness",
+    } <= set(header)
 
 
 def test_checkpoint_round_trip_gives_identical_samples(cfg_train):

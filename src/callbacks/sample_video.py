@@ -60,9 +60,15 @@ class SampleVideo(L.Callback):
         for cb in trainer.callbacks:  # prefer the EMA weights while training
             if isinstance(cb, EMA) and cb.averaged_module() is not None and trainer.training:
                 module = cb.averaged_module()
-        videos = module.generate(self.prompts, seed=self.seed)
+        latents = module.generate_latents(self.prompts, seed=self.seed)
+        videos = module.autoencoder.decode(latents.float()).clamp(-1, 1)  # = module.generate
         if not trainer.is_global_zero:
             return None
+        from src.eval.blockiness import blockiness
+
+        block = {"val/blockiness": float(blockiness(latents).mean())}
+        for lg in trainer.loggers:
+            lg.log_metrics(block, step=trainer.global_step)
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:08d}"
         out.mkdir(parents=True, exist_ok=True)
         paths = []
