@@ -16,7 +16,7 @@ OUT ?= logs/train/runs/$(RUN)/videos
 ARGS ?=
 VAE_CKPT ?= checkpoints/vae_digits.safetensors
 
-.PHONY: help install data vae latents train train-vae smoke sample eval vbench-env bench test test-slow test-gpu test-full lint format clean clean-logs
+.PHONY: help install data vae latents train train-vae smoke sample eval ablations vbench-env bench test test-slow test-gpu test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,13 @@ sample: $(STAMP) ## sample CKPT=... PROMPTS=... OUT=...
 SUITE ?= digits
 eval: $(STAMP) ## evaluate CKPT=... on SUITE=digits: videos + report.json/report.md next to the checkpoint
 	$(BIN)/python src/eval.py ckpt_path=$(CKPT) suite=$(SUITE) $(ARGS)
+
+ABLATIONS ?= stages corrective coupled temporal ratios
+ablations: data ## digits ablation sweeps at equal FLOPs (ABLATIONS="stages ...") + reports in docs/ablations/
+	@for a in $(ABLATIONS); do \
+	  $(BIN)/python src/train.py -m experiment=ablation_$$a hydra.sweep.dir=logs/train/multiruns/ablation_$$a $(ARGS) && \
+	  $(BIN)/python src/report.py sweep_dir=logs/train/multiruns/ablation_$$a name=$$a || exit 1; \
+	done
 
 vbench-env: ## a separate .venv-vbench with the vbench package (its pins conflict with ours)
 	bash scripts/vbench_env.sh

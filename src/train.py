@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import traceback
 from pathlib import Path
 
 import hydra
 import lightning as L
 import rootutils
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
@@ -74,10 +78,35 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def record_failure(cfg: DictConfig, exn: BaseException) -> Path:
+    """Write <job dir>/FAILED.json (error, traceback, overrides) and append it to the sweep's
+    failures.jsonl, so a multirun goes on and `src/report.py` lists the failed job."""
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "job": hc.job.num,
+        "overrides": list(hc.overrides.task),
+        "error": f"{type(exn).__name__}: {exn}",
+        "traceback": traceback.format_exc(),
+    }
+    (out / "FAILED.json").write_text(json.dumps(record, indent=1))
+    with open(Path(hc.sweep.dir) / "failures.jsonl", "a") as f:
+        f.write(json.dumps({k: record[k] for k in ("job", "overrides", "error")}) + "\n")
+    return out
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     extras(cfg)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Exception as exn:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        out = record_failure(cfg, exn)  # a failing job must not abort the rest of a sweep
+        log.error(f"job failed, sweep continues: {type(exn).__name__}: {exn} ({out})")
+        return None
     return metrics.get(cfg.get("optimized_metric", "val/loss"))
 
 
