@@ -37,6 +37,7 @@ class Job:
     steps: int = 0
     flops: float = 0.0
     samples_per_s: float | None = None
+    eval_scores: dict | None = None  # <job>/eval/digits/report.json (make eval), if present
 
     def last(self, key: str) -> float | None:
         c = self.curves.get(key)
@@ -48,6 +49,9 @@ def read_job(path: Path, quality_metrics: list[str]) -> Job:
     job = Job(path, yaml.safe_load(over.read_text()) if over.is_file() else [])
     if (path / "FAILED.json").is_file():
         job.failed = json.loads((path / "FAILED.json").read_text())["error"]
+    ev = path / "eval" / "digits" / "report.json"
+    if ev.is_file():
+        job.eval_scores = json.loads(ev.read_text())["scores"]
     metrics = path / "csv" / "metrics.csv"
     if not metrics.is_file():
         job.failed = job.failed or "no csv/metrics.csv (the job did not start training)"
@@ -112,8 +116,9 @@ def table(jobs: list[Job], base: Job | None, quality_metrics: list[str]) -> str:
             error = " ".join(j.failed.split()).replace("|", "/")[:160]  # one table cell
             cells = [j.label, f"failed: {error}"] + ["-"] * (len(head) - 2)
         else:
-            at = reached(j, target) if target is not None else None
+            at = reached(j, target) if target is not None and j is not base else None
             factor = base.flops / at if at else None
+            reach = "(baseline)" if j is base else f"{at:.3g}" if at else "not reached"
             cells = [
                 j.label,
                 "ok",
@@ -124,10 +129,25 @@ def table(jobs: list[Job], base: Job | None, quality_metrics: list[str]) -> str:
                 *[fmt(j.last(f"val/digits_{m}")) for m in quality_metrics],
                 fmt(j.last("val/blockiness")),
                 fmt(j.last("val/loss"), ".4f"),
-                f"{at:.3g}" if at else "not reached",
+                reach,
                 f"{factor:.2f}x" if factor else "-",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def eval_table(jobs: list[Job], quality_metrics: list[str]) -> str | None:
+    """The final checkpoints on `make eval`'s digits suite, where it was run."""
+    rows = [j for j in jobs if j.eval_scores]
+    if not rows:
+        return None
+    cols = [*quality_metrics, "blockiness", "blockiness_4", "fvd"]
+    lines = ["| variant | quality | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for j in rows:
+        s = j.eval_scores
+        q = sum(s[m] for m in quality_metrics) / len(quality_metrics)
+        vals = [fmt(s.get(c)) if isinstance(s.get(c), float) else "-" for c in cols]
+        lines.append(f"| {j.label} | {q:.3f} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
@@ -155,6 +175,10 @@ def plot(jobs: list[Job], key: str, ylabel: str, path: Path) -> bool:
 
 
 def job_dirs(sweep: Path) -> list[Path]:
+    """The job folders of a multirun folder, or the folder itself when it is one job (e.g. a
+    shared baseline run of another sweep)."""
+    if (sweep / ".hydra").is_dir():
+        return [sweep]
     if not sweep.is_dir():
         raise FileNotFoundError(f"sweep_dir={str(sweep)!r} does not exist; fix: a multirun folder")
     dirs = sorted(
@@ -193,6 +217,16 @@ def report(cfg: DictConfig) -> dict:
         "",
         table(jobs, base, qm),
         "",
+        *(
+            [
+                "Final checkpoints, `make eval` digits suite (more prompts than the curves):",
+                "",
+                et,
+                "",
+            ]
+            if (et := eval_table(jobs, qm))
+            else []
+        ),
         *[f"![{n}]({n})" for n in drawn],
     ]
     (out / "report.md").write_text("\n".join(md) + "\n")

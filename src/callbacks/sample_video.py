@@ -66,7 +66,10 @@ class SampleVideo(L.Callback):
             return None
         from src.eval.blockiness import blockiness
 
-        block = {"val/blockiness": float(blockiness(latents).mean())}
+        block = {  # period 2: the last stage jump; period 4: the first one (K = 3)
+            "val/blockiness": float(blockiness(latents, 2).mean()),
+            "val/blockiness_4": float(blockiness(latents, 4).mean()),
+        }
         for lg in trainer.loggers:
             lg.log_metrics(block, step=trainer.global_step)
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:08d}"

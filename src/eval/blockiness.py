@@ -10,6 +10,8 @@ across boundaries (index 2k+1 -> 2k+2) with the one inside blocks (2k -> 2k+1):
 
 It is 1 for a nearest-upsampled latent, about 0 for a latent without 2-periodic structure
 (white noise, smooth fields), and compared between variants at equal sampling settings.
+With K = 3 stages the first jump happens at a quarter of the resolution, so its blocks are 4x4
+at full resolution: measure ``block=4`` for it (the callbacks and `make eval` report both).
 """
 
 from __future__ import annotations
