@@ -65,8 +65,9 @@ eval: $(STAMP) ## evaluate CKPT=... on SUITE=digits: videos + report.json/report
 ABLATIONS ?= stages corrective coupled temporal ratios
 ablations: data ## digits ablation sweeps at equal FLOPs (ABLATIONS="stages ...") + reports in docs/ablations/
 	@for a in $(ABLATIONS); do \
-	  $(BIN)/python src/train.py -m experiment=ablation_$$a hydra.sweep.dir=logs/train/multiruns/ablation_$$a $(ARGS) && \
-	  $(BIN)/python src/report.py sweep_dir=logs/train/multiruns/ablation_$$a name=$$a || exit 1; \
+	  d=logs/train/multiruns/ablation_$${a}_$$(date +%Y-%m-%d_%H-%M-%S); \
+	  $(BIN)/python src/train.py -m experiment=ablation_$$a hydra.sweep.dir=$$d $(ARGS) && \
+	  $(BIN)/python src/report.py sweep_dir=$$d name=$$a || exit 1; \
 	done
 
 vbench-env: ## a separate .venv-vbench with the vbench package (its pins conflict with ours)

@@ -414,8 +414,12 @@ def gpu_rows() -> list[tuple[str, ...]]:
     gpu_peak = matmul_peak(dev)
     out = []
     for backend, compiled in (("sdpa_segments", False), ("sdpa_segments", True)):
-        r = run_variant(cfg, dev, backend, 0.0, None, 2, compiled)
         name = f"{torch.cuda.get_device_name(dev)}, {backend}{' + compile' if compiled else ''}"
+        try:
+            r = run_variant(cfg, dev, backend, 0.0, None, 2, compiled)
+        except Exception as exn:  # out of memory on a smaller card, a compiler failure, ...
+            out.append(("GPU 384p 2 B DiT step", name, f"failed: {type(exn).__name__}", "-", "-"))
+            continue
         out.append(
             (
                 f"GPU 384p 2 B DiT step (batch {r['micro_batch']}): s/step, MFU vs measured "

@@ -76,10 +76,13 @@ def read_job(path: Path, quality_metrics: list[str]) -> Job:
         return flops_at[before[-1]] if before else 0.0
 
     keys = ["val/loss", "val/blockiness"] + [f"val/digits_{m}" for m in quality_metrics]
+    latest: dict[str, dict[int, float]] = {}  # a rerun/resume appends rows: the last one wins
     for r in rows:
         for k in keys:
             if r.get(k):
-                job.curves.setdefault(k, []).append((flops_of(int(r["step"])), float(r[k])))
+                latest.setdefault(k, {})[int(r["step"])] = float(r[k])
+    for k, by_step in latest.items():
+        job.curves[k] = [(flops_of(st), v) for st, v in sorted(by_step.items())]
     quality: dict[float, list[float]] = {}
     for m in quality_metrics:
         for x, v in job.curves.get(f"val/digits_{m}", []):

@@ -12,6 +12,7 @@ import rootutils
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
@@ -83,6 +84,8 @@ def record_failure(cfg: DictConfig, exn: BaseException) -> Path:
     failures.jsonl, so a multirun goes on and `src/report.py` lists the failed job."""
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
+    if rank_zero_only.rank != 0:  # one record per job, not one per rank
+        return out
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "job": hc.job.num,
@@ -99,6 +102,8 @@ def record_failure(cfg: DictConfig, exn: BaseException) -> Path:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     extras(cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and rank_zero_only.rank == 0:
+        (Path(HydraConfig.get().runtime.output_dir) / "FAILED.json").unlink(missing_ok=True)
     try:
         metrics = train(cfg)
     except Exception as exn:

@@ -147,3 +147,23 @@ def test_a_truncated_shard_keeps_its_readable_samples_and_counts_one_shard_error
     out = list(pipeline.val_pipeline([str(first), str(second)], dec, None, False))
     assert 5 < len(out) < 10  # the second shard whole, the first one's readable head
     assert dec.skipped["shard_error"] == 1
+
+
+def test_the_stream_resumes_at_its_next_unused_epoch_however_often_it_is_resumed(tiny_data_dir):
+    from src.data.webvideo_datamodule import WebVideoDataModule
+
+    kw = dict(batch_size=2, num_frames=9, height=32, width=32, batches_per_epoch=2,
+              shuffle_buffer=4, generate_digits=False)  # fmt: skip
+    dm = WebVideoDataModule(str(tiny_data_dir / "shards" / "digits"), **kw)
+    loader = dm.train_dataloader()
+    epochs = [[b["meta"][0]["key"] for b in loader] for _ in range(3)]
+    iter(loader)  # a bare iter() (Lightning's iterability check) starts no epoch
+    assert dm.state_dict() == {"next_stream_epoch": 3}
+    half = next(iter(loader))  # an interrupted epoch counts as used
+    assert half is not None and dm.state_dict() == {"next_stream_epoch": 4}
+    resumed = WebVideoDataModule(str(tiny_data_dir / "shards" / "digits"), **kw)
+    resumed.load_state_dict({"next_stream_epoch": 1})
+    loader2 = resumed.train_dataloader()
+    again = [[b["meta"][0]["key"] for b in loader2] for _ in range(2)]
+    assert again == epochs[1:]  # stream epochs 1 and 2, exactly
+    assert resumed.state_dict() == {"next_stream_epoch": 3}

@@ -1,12 +1,15 @@
-"""Preemption: SIGTERM or SIGUSR1 (what SLURM sends before killing a job) make the run finish
-its current step, write last.ckpt and stop cleanly; under SLURM the job is requeued
-(`scontrol requeue $SLURM_JOB_ID`) and resumes with `ckpt_path=last`.
+"""Preemption: SIGUSR1 (what SLURM sends `--signal=USR1@N` seconds before the time limit) or
+SIGTERM make the run finish its current optimizer step, write last.ckpt at once and stop
+cleanly. After SIGUSR1 under SLURM the job is requeued (`scontrol requeue $SLURM_JOB_ID`,
+after the checkpoint exists) and resumes with `ckpt_path=last`; SIGTERM (`scancel`, a node
+shutting down) saves and stops without requeueing, so a cancelled job stays cancelled.
 
-The signal handler only records the signal (no I/O inside a handler); the checkpoint is written
-at the next step boundary, where every rank agrees to stop (any rank's signal counts). The
-checkpoint is last.ckpt of the ModelCheckpoint callback (written when the stopping epoch ends),
-or an explicit save when the run has none. These handlers replace Lightning's SLURM SIGUSR1
-handler (which would write a separate hpc checkpoint that `ckpt_path=last` does not read).
+The signal handler only records the signal (no I/O inside a handler). At every step boundary
+the ranks agree (any rank's signal counts; a requeue if any rank got a requeue signal). The
+checkpoint goes through the ModelCheckpoint callback's last.ckpt (so it is not written twice),
+or an explicit save when the run has none; the end-of-training sample videos are skipped. These
+handlers replace Lightning's SLURM SIGUSR1 handler (its hpc checkpoint is not what
+`ckpt_path=last` reads).
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ log = RankedLogger(__name__, rank_zero_only=True)
 
 
 class Preemption(Callback):
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):
+    def __init__(
+        self,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        requeue_signals: tuple[str, ...] = ("SIGUSR1",),
+        requeue: bool = True,
+    ):
         self.signals = [getattr(signal, s) for s in signals]
+        self.requeue_signals = {getattr(signal, s) for s in requeue_signals}
         self.requeue = requeue
         self.received: int | None = None
+        self.stopping = False
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
@@ -41,25 +51,36 @@ class Preemption(Callback):
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if not stop:
+        if self.stopping or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # act on optimizer-step boundaries only (no half-accumulated gradients)
+        strategy = trainer.strategy
+        if not strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        requeue = strategy.reduce_boolean_decision(
+            self.received in self.requeue_signals, all=False
+        )
+        self.stopping = True
+        pl_module._preempted = True  # SampleVideo skips its end-of-training videos
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        job = self._slurm_job() if (requeue and self.requeue) else None
         log.warning(
             f"received {name} at step {trainer.global_step}: writing last.ckpt and stopping"
-            + (" (the SLURM job is requeued)" if self._slurm_job() else "")
+            + (f"; requeueing SLURM job {job}" if job else "")
         )
-        if not any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.callbacks):
+        last = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        last = [c for c in last if c.save_last]
+        if last:  # records the step, so the epoch-end refresh does not write it again
+            last[0]._save_last_checkpoint(trainer, last[0]._monitor_candidates(trainer))
+        else:
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
-        trainer.should_stop = True  # the epoch ends now; ModelCheckpoint writes last.ckpt
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore_handlers()
-        job = self._slurm_job()
-        if self.received is not None and job and self.requeue and trainer.is_global_zero:
+        if job and trainer.is_global_zero:  # after the checkpoint exists: requeue ends the job
             res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if res.returncode:
                 log.warning(f"scontrol requeue {job} failed: {res.stderr.strip()}")
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_handlers()

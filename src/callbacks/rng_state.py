@@ -16,36 +16,60 @@ import random
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+def _local_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(state), gauss_next],
+    }
+
+
+def _restore(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state_, gauss_next = state["python"]
+    random.setstate((version, tuple(state_), gauss_next))
 
 
 class RNGState(Callback):
+    """Every rank's states are gathered into the checkpoint (ranks are seeded differently);
+    on resume each rank takes its own. With a different world size the fresh per-rank seeding
+    is kept (and said so)."""
+
     def __init__(self):
         self._pending: dict | None = None
 
     def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        version, state, gauss_next = random.getstate()
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, list(state), gauss_next],
-        }
+        import torch.distributed as dist
+
+        local = _local_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, local)  # every rank dumps the checkpoint state
+            return {"ranks": ranks}
+        return {"ranks": [local]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self._pending is not None:
-            self._restore(self._pending)
-            self._pending = None
-
-    @staticmethod
-    def _restore(state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        if state_dict["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
-        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        version, state, gauss_next = state_dict["python"]
-        random.setstate((version, tuple(state), gauss_next))
+        if self._pending is None:
+            return
+        ranks = self._pending.get("ranks", [self._pending])  # older checkpoints: one state
+        self._pending = None
+        if len(ranks) != trainer.world_size:
+            rank_zero_warn(
+                f"RNG states of {len(ranks)} ranks in the checkpoint, {trainer.world_size} now: "
+                "keeping the fresh per-rank seeding (the run stays valid, not bit-identical)"
+            )
+            return
+        _restore(ranks[trainer.global_rank])

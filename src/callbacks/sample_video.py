@@ -47,6 +47,8 @@ class SampleVideo(L.Callback):
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "_preempted", False):
+            return  # preempted: no time for sample videos before the job is killed
         if self.at_end and trainer.global_step != self.last_written:
             self.write(trainer, pl_module)
 

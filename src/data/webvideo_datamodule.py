@@ -32,6 +32,26 @@ from src.data.pipeline import (
 from src.data.shards import read_manifest, shard_files, write_digits_shards
 
 
+class _EpochCountingLoader(wds.WebLoader):
+    """WebLoader that counts the epochs actually started in this process (an iterator counts
+    once it yields its first batch; a bare ``iter()``, as in Lightning's checks, does not)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs_started = 0
+
+    def __iter__(self):
+        it = super().__iter__()
+
+        def counted():
+            for i, batch in enumerate(it):
+                if i == 0:
+                    self.epochs_started += 1
+                yield batch
+
+        return counted()
+
+
 class ShardStreamDataModule(LightningDataModule, ABC):
     """Streams of webdataset shards in ``<data_dir>/{train,val}``: the parts every format shares.
 
@@ -49,6 +69,18 @@ class ShardStreamDataModule(LightningDataModule, ABC):
         super().__init__()
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
+        self._first_epoch = 0  # the stream epoch the train loader started at
+        self._resume_epoch: int | None = None  # from a checkpoint (load_state_dict)
+        self._train_loader: _EpochCountingLoader | None = None
+
+    def state_dict(self) -> dict:
+        """The next unused epoch of the training stream (a resumed run starts there: a fresh
+        epoch, never a replay, however often the run is resumed)."""
+        started = self._train_loader.epochs_started if self._train_loader is not None else 0
+        return {"next_stream_epoch": self._first_epoch + started}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_epoch = int(state_dict["next_stream_epoch"])
 
     @property
     def skipped(self) -> dict[str, dict[str, int]]:
@@ -115,7 +147,7 @@ class ShardStreamDataModule(LightningDataModule, ABC):
             )
 
     def _loader(self, dataset, num_workers: int, num_batches: int) -> wds.WebLoader:
-        loader = wds.WebLoader(
+        loader = _EpochCountingLoader(
             dataset,
             batch_size=None,  # batches are formed inside the workers
             num_workers=num_workers,
@@ -131,9 +163,12 @@ class ShardStreamDataModule(LightningDataModule, ABC):
         if not self.train_urls:
             self.setup("fit")
         first_epoch = 0
-        if self.trainer is not None:  # resumed: the next unused epoch of the stream, whole
+        if self._resume_epoch is not None:  # resumed: the next unused epoch of the stream
+            first_epoch = self._resume_epoch
+        elif self.trainer is not None:  # a checkpoint without datamodule state: estimate it
             done = self.trainer.global_step * self.trainer.accumulate_grad_batches
             first_epoch = -(-done // hp.batches_per_epoch)
+        self._first_epoch = first_epoch
         dataset = train_pipeline(
             self.train_urls,
             self.train_decoder,
@@ -143,7 +178,8 @@ class ShardStreamDataModule(LightningDataModule, ABC):
             first_epoch=first_epoch,  # a fresh epoch of the stream, never a replay
             batcher=self.batcher(hp.batch_size),
         )
-        return self._loader(dataset, hp.num_workers, hp.batches_per_epoch)
+        self._train_loader = self._loader(dataset, hp.num_workers, hp.batches_per_epoch)
+        return self._train_loader
 
     def val_dataloader(self) -> wds.WebLoader:
         hp = self.hparams

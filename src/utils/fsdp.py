@@ -19,6 +19,16 @@ from torch import nn
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 
 
+def _discard(folder: Path) -> None:
+    """Delete a folder so that a kill half-way never leaves a half-deleted folder under its
+    name: rename it first (atomic), then delete."""
+    trash = folder.with_name(folder.name + ".trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    folder.rename(trash)
+    shutil.rmtree(trash)
+
+
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """ModelParallelStrategy whose sharded checkpoint folders are replaced atomically.
 
@@ -34,21 +44,22 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
-        if self.global_rank == 0 and partial.exists():
-            shutil.rmtree(partial)  # left by a kill during an earlier save
+        if self.global_rank == 0:
+            for stale in path.parent.glob("*.partial"):  # left by a kill during earlier saves
+                _discard(stale)
         self.barrier("atomic_save_start")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("atomic_save_written")
         if self.global_rank == 0:
-            if old.exists():
-                shutil.rmtree(old)
-            if path.is_dir():
+            if path.is_dir():  # (a run resumed from <name>.old has no <name>: keep .old)
+                if old.exists():
+                    _discard(old)
                 path.rename(old)
             elif path.exists():
                 path.unlink()
             partial.rename(path)
             if old.exists():
-                shutil.rmtree(old)
+                _discard(old)
         self.barrier("atomic_save_done")
 
 
