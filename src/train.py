@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def record_failure(cfg: DictConfig, exn: BaseException) -> Path:
+def record_failure(exn: BaseException) -> Path:
     """Write <job dir>/FAILED.json (error, traceback, overrides) and append it to the sweep's
     failures.jsonl, so a multirun goes on and `src/report.py` lists the failed job."""
     hc = HydraConfig.get()
@@ -102,14 +102,15 @@ def record_failure(cfg: DictConfig, exn: BaseException) -> Path:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     extras(cfg)
-    if HydraConfig.get().mode == RunMode.MULTIRUN and rank_zero_only.rank == 0:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and rank_zero_only.rank == 0:  # a rerun job starts without its old failure
         (Path(HydraConfig.get().runtime.output_dir) / "FAILED.json").unlink(missing_ok=True)
     try:
         metrics = train(cfg)
     except Exception as exn:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
-        out = record_failure(cfg, exn)  # a failing job must not abort the rest of a sweep
+        out = record_failure(exn)  # a failing job must not abort the rest of a sweep
         log.error(f"job failed, sweep continues: {type(exn).__name__}: {exn} ({out})")
         return None
     return metrics.get(cfg.get("optimized_metric", "val/loss"))

@@ -30,31 +30,3 @@ class SignalAtStep(Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal))
-
-
-class RNGProbe(Callback):
-    """Append `step digest-of-torch-RNG-state` at every training batch start (debugging)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def _write(self, trainer, where: str) -> None:
-        import hashlib
-
-        import torch
-
-        digest = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:10]
-        with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {where} {digest}\n")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._write(trainer, "batch_start")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._write(trainer, "batch_end")
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._write(trainer, "epoch_start")
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._write(trainer, "epoch_end")

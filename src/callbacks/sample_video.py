@@ -63,7 +63,7 @@ class SampleVideo(L.Callback):
             if isinstance(cb, EMA) and cb.averaged_module() is not None and trainer.training:
                 module = cb.averaged_module()
         latents = module.generate_latents(self.prompts, seed=self.seed)
-        videos = module.autoencoder.decode(latents.float()).clamp(-1, 1)  # = module.generate
+        videos = module.decode_latents(latents)  # latents kept for the blockiness score
         if not trainer.is_global_zero:
             return None
         from src.eval.blockiness import blockiness

@@ -83,7 +83,7 @@ def generate_suite(module, prompts: list[str], cfg: DictConfig, out: Path) -> li
             steps=list(cfg.steps) if cfg.steps is not None else None,
             guidance_scale=cfg.guidance_scale,
         )
-        videos = module.autoencoder.decode(latents.float()).clamp(-1, 1)  # = module.generate
+        videos = module.decode_latents(latents)  # latents kept for the blockiness score
         # (B,) latent-block artefacts of the stage jumps (corrective-noise ablation): 2x2, 4x4
         blocks, blocks4 = blockiness(latents, 2), blockiness(latents, 4)
         for j, (prompt, video) in enumerate(zip(chunk, videos)):

@@ -647,7 +647,10 @@ class PyramidFlowModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, **kwargs) -> torch.Tensor:
         """Text-to-video: prompts -> videos (B, 3, T, H, W) in [-1, 1]; see generate_latents."""
-        latents = self.generate_latents(prompts, seed=seed, **kwargs)
+        return self.decode_latents(self.generate_latents(prompts, seed=seed, **kwargs))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Generated latents -> videos (B, 3, T, H, W) in [-1, 1]."""
         return self.autoencoder.decode(latents.float()).clamp(-1, 1)
 
     # ----------------------------------------------------------------------------- optimiser
