@@ -63,6 +63,22 @@ def test_stage_windows_are_continuous_across_jumps(k):
     assert sch.timestep_max[0] == 1000.0 and sch.timestep_min[-1] == 1.0
 
 
+def test_shifted_schedule_moves_stage_boundaries_towards_noise():
+    """pyramid.shift = s maps every stage boundary sigma to s sigma / (1 + (s - 1) sigma),
+    keeps the jumps' identities, and shift 1 is the paper's table exactly."""
+    plain = build_stage_schedule(THIRDS, gamma=1 / 3)
+    assert build_stage_schedule(THIRDS, gamma=1 / 3, shift=1.0) == plain
+    sch = build_stage_schedule(THIRDS, gamma=1 / 3, shift=3.0)
+    for e, e0 in zip(sch.end_sigmas[:-1], plain.end_sigmas[:-1]):
+        assert e == pytest.approx(shift_sigma(e0, 3.0)) and e > e0
+    assert sch.end_sigmas[-1] == 0.0 and sch.start_sigmas[0] == 1.0
+    for i in (1, 2):  # still a white-noise start after each corrective jump
+        white = (sch.renoise_alpha[i] * sch.end_sigmas[i - 1]) ** 2 * (1 + 1 / sch.gamma)
+        assert white == pytest.approx(sch.start_sigmas[i] ** 2)
+    with pytest.raises(ValueError, match="pyramid.shift=0"):
+        build_stage_schedule(THIRDS, shift=0)
+
+
 def test_schedule_rejects_bad_config_with_clear_message():
     with pytest.raises(ValueError, match="pyramid.gamma=0.5"):
         build_stage_schedule(THIRDS, gamma=0.5)

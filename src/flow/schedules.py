@@ -110,6 +110,11 @@ def build_stage_schedule(
             "(1+gamma)I - gamma*11^T is not positive semi-definite above 1/3; "
             "fix: pyramid.gamma=0.3333"
         )
+    if not shift > 0:
+        raise ValueError(
+            f"pyramid.shift={shift} must be positive (1 keeps the paper's sigma table, > 1 moves "
+            "the stages and steps towards noise); fix: pyramid.shift=1.0"
+        )
     n = num_train_timesteps
     table = [shift_sigma((n - j) / n, shift) for j in range(n)]
     orig = [table[min(int(n * r), n - 1)] for r in rng[:-1]]

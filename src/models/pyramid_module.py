@@ -7,7 +7,7 @@ travel with checkpoints) and the frozen text encoder is a plain attribute (never
 
 from __future__ import annotations
 
-import math
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from src.models.text_encoders import TextEncoder, TextFeatures, build_text_encod
 from src.sampling.autoregressive import AutoregressiveSampler
 from src.sampling.guidance import cfg_combine, guided_velocity
 from src.sampling.pyramid_sampler import PyramidSampler
+from src.utils.optim import budget_progress, lr_factor, param_groups
 
 TEMPORAL_MODES = ("full_sequence", "autoregressive")
 FULL_SEQUENCE = {"mode": "full_sequence", "compression": 1, "corrupt_ratio": 0.0}
@@ -183,7 +184,10 @@ class PyramidFlowModule(L.LightningModule):
         self._text_encoder: TextEncoder | None = None  # built on first use (see text_encoder)
         self._null_text: TextFeatures | None = None  # pre-extracted empty-prompt features
         self.schedule = build_stage_schedule(
-            pyramid["stage_range"], pyramid["gamma"], corrective_noise=pyramid["corrective_noise"]
+            pyramid["stage_range"],
+            pyramid["gamma"],
+            shift=pyramid.get("shift", 1.0),
+            corrective_noise=pyramid["corrective_noise"],
         )
         if len(pyramid["stage_sample_ratios"]) != self.schedule.num_stages:
             raise ValueError(
@@ -655,34 +659,24 @@ class PyramidFlowModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with decay/no-decay groups; warm-up then a cosine whose horizon is the run's
+        binding budget (max_steps, the max_time guard or a FLOP budget: utils/optim.py)."""
         o = self.hparams.optim
-        decay, no_decay = [], []
-        for name, p in self.trainer.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
         opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": o["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            param_groups(self.trainer.model.named_parameters(), o["weight_decay"]),
             lr=o["lr"],
             betas=tuple(o["betas"]),
             eps=o.get("eps", 1e-8),
         )
-        warmup, total = o["warmup_steps"], max(self.trainer.max_steps, 1)
-        min_ratio, kind = o.get("min_lr_ratio", 0.0), o.get("schedule", "constant")
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (
-                    o.get("warmup_start_factor", 0.01)
-                    + (1 - o.get("warmup_start_factor", 0.01)) * step / warmup
-                )
-            if kind == "cosine":
-                prog = min((step - warmup) / max(total - warmup, 1), 1.0)
-                return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
-            return 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        trainer = self.trainer
+        factor = functools.partial(
+            lr_factor,
+            warmup_steps=o["warmup_steps"],
+            warmup_start_factor=o.get("warmup_start_factor", 0.01),
+            schedule=o.get("schedule", "cosine"),
+            min_lr_ratio=o.get("min_lr_ratio", 0.0),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: factor(step, budget_progress(trainer))
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -48,6 +48,8 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
         or p.stage_range[-1] != 1
     ):
         out.append(f"pyramid.stage_range={list(p.stage_range)} must increase strictly from 0 to 1")
+    if not float(p.get("shift", 1.0)) > 0:
+        out.append(f"pyramid.shift={p.shift} must be positive; fix: pyramid.shift=1.0")
     if len(p.stage_sample_ratios) != k:
         out.append(
             f"pyramid.stage_sample_ratios={list(p.stage_sample_ratios)} needs {k} entries "

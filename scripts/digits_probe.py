@@ -1,0 +1,185 @@
+"""Screen a digits recipe at equal wall time: train in memory, then score held-out prompts.
+
+    python scripts/digits_probe.py name=k2 minutes=8 threads=1 pyramid=stages_2
+    python scripts/digits_probe.py name=k2_gs6 load=logs/probe/k2.pt gs=6   # re-score only
+
+The digits world is rendered and encoded once into memory (no mp4 decoding, no Lightning),
+so a recipe change costs only its training minutes; the same PyramidFlowModule, packed loss,
+sampler and digits metrics as `make train` / `make eval` are used. The LR follows a cosine
+over the wall-time budget (as the trainer's budget-following schedule does). Arguments are
+Hydra overrides of configs/train.yaml plus these probe keys:
+
+    name (required), minutes (5), bs (8), threads (2), n_train (4000), frames (17),
+    ema (0.995), videos (64: held-out prompts scored), gs (guidance; null = config),
+    load (an EMA state dict: skip training), out (logs/probe)
+
+Each run appends one JSON line (recipe, steps, samples, digits metrics) to <out>/results.jsonl
+and saves the EMA weights and the first 16 videos (<name>.pt, <name>_videos.npy). Used for the
+recipe table in docs/digits_learning.md; a screen, not a substitute for `make train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rootutils
+import torch
+
+ROOT = rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from src.data.digits import iter_specs, random_caption, render_video  # noqa: E402
+from src.eval.digits_bench import score_videos  # noqa: E402
+from src.eval.run import digits_prompts  # noqa: E402
+from src.flow.schedules import sample_ratios  # noqa: E402
+from src.models.pyramid_module import packed_pyramid_loss  # noqa: E402
+from src.utils.optim import lr_factor, param_groups  # noqa: E402
+
+PROBE_KEYS = {
+    "name": None,
+    "minutes": 5.0,
+    "bs": 8,
+    "threads": 2,
+    "n_train": 4000,
+    "frames": 17,
+    "ema": 0.995,
+    "videos": 64,
+    "gs": None,
+    "load": None,
+    "out": "logs/probe",
+}
+
+
+def parse(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split key=value arguments into probe settings and Hydra overrides."""
+    probe, overrides = dict(PROBE_KEYS), []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"argument {arg!r} is not key=value; fix: e.g. name=baseline")
+        if key in PROBE_KEYS:
+            default = PROBE_KEYS[key]
+            probe[key] = type(default)(value) if default is not None else value
+        else:
+            overrides.append(arg)
+    if not probe["name"]:
+        raise SystemExit("name= is required (the run's label in results.jsonl)")
+    return probe, overrides
+
+
+def render_train_set(module, n: int, frames: int) -> tuple[torch.Tensor, list[str]]:
+    """Training videos of the digits world (same specs and caption grammar as the shards),
+    PCA-fitted and encoded: normalised latents (n, C, t, h, w) and their captions."""
+    rng = np.random.default_rng(0)
+    videos, captions = [], []
+    for spec in iter_specs(n, "train", seed=0, num_frames=frames):
+        videos.append(torch.from_numpy(render_video(spec, num_frames=frames)))
+        captions.append(random_caption(spec.digit, spec.color, spec.direction, rng))
+    video = torch.stack(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (n, 3, T, H, W)
+    ae = module.autoencoder
+    if getattr(ae, "requires_fit", False):
+        ae.fit(video[: min(n, 512)])
+    with torch.no_grad():
+        lat = torch.cat([ae.encode(video[i : i + 256], sample=False) for i in range(0, n, 256)])
+    return lat, captions
+
+
+def train(module, cfg, probe: dict, lat: torch.Tensor, captions: list[str]) -> dict:
+    """Train module.net for `minutes` of wall time; returns counts. module.net becomes the EMA."""
+    net, o, bs = module.net, cfg.model.optim, probe["bs"]
+    prompts = sorted(set(captions))
+    feats = module.text_encoder.encode(prompts + [""])
+    idx_of = {c: i for i, c in enumerate(prompts)}
+    cap_idx = torch.tensor([idx_of[c] for c in captions])
+    opt = torch.optim.AdamW(
+        param_groups(net.named_parameters(), o.weight_decay), lr=o.lr, betas=tuple(o.betas)
+    )
+    ema = copy.deepcopy(net).requires_grad_(False)
+    ratios = list(cfg.model.pyramid.stage_sample_ratios)
+    budget, step, t0 = probe["minutes"] * 60.0, 0, time.time()
+    while (elapsed := time.time() - t0) < budget:
+        f = lr_factor(step, elapsed / budget, o.warmup_steps, o.warmup_start_factor, o.schedule,
+                      o.min_lr_ratio)  # fmt: skip
+        for g in opt.param_groups:
+            g["lr"] = o.lr * f
+        idx = torch.randint(0, len(lat), (bs,))
+        ci = cap_idx[idx].clone()
+        ci[torch.rand(bs) < cfg.model.cfg_dropout] = len(prompts)  # the empty prompt
+        x = lat[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses, _ = packed_pyramid_loss(
+                net, module.path, ratios, x, torch.randn_like(x), sample_ratios(bs),
+                feats.tokens[ci], feats.mask[ci], feats.pooled[ci],
+            )  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.trainer.gradient_clip_val)
+        opt.step()
+        step += 1
+        decay = probe["ema"] if step > 100 else 0.0
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1.0 - decay)
+        if step % 200 == 0:
+            print(f"step {step} {elapsed:.0f}s loss {losses.mean().item():.4f}", flush=True)
+    module.net = ema
+    return {"steps": step, "samples": step * bs, "train_s": round(time.time() - t0)}
+
+
+def score(module, probe: dict) -> tuple[dict, list[np.ndarray]]:
+    """Digits metrics of `videos` held-out canonical prompts (video i uses seed i)."""
+    prompts, _ = digits_prompts(probe["videos"], 0)
+    gs = None if probe["gs"] is None else float(probe["gs"])
+    videos = []
+    for i in range(0, len(prompts), 16):
+        v = module.generate(prompts[i : i + 16], seed=i, guidance_scale=gs)
+        v = ((v.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        videos += list(v)  # (T, H, W, 3) uint8 each
+    return score_videos(videos, prompts), videos
+
+
+def main(argv: list[str]) -> dict:
+    probe, overrides = parse(argv)
+    torch.set_num_threads(probe["threads"])
+    torch.manual_seed(0)
+    overrides.append(f"video.num_frames={probe['frames']}")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=overrides)
+    module = instantiate(cfg.model)
+    module.configure_model()
+    lat, captions = render_train_set(module, probe["n_train"], probe["frames"])
+    if probe["load"]:
+        module.net.load_state_dict(torch.load(probe["load"], weights_only=True))
+        counts = {"steps": 0, "samples": 0, "train_s": 0}
+    else:
+        counts = train(module, cfg, probe, lat, captions)
+    t0 = time.time()
+    scores, videos = score(module, probe)
+    out = Path(probe["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    row = {
+        "name": probe["name"],
+        "overrides": overrides,
+        "bs": probe["bs"],
+        "threads": probe["threads"],
+        **counts,
+        **{k: round(v, 3) for k, v in scores.items()},
+        "sample_s": round(time.time() - t0),
+    }
+    with open(out / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    torch.save(module.net.state_dict(), out / f"{probe['name']}.pt")
+    np.save(out / f"{probe['name']}_videos.npy", np.stack(videos[:16]))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
