@@ -109,9 +109,10 @@ def test_make_eval_writes_a_reproducible_report(tmp_path, tiny_data_dir):
     alone = load_module(ckpt).generate([rows[2]["prompt"]], seed=9, steps=[2, 2])
     from src.data.video_io import mp4_bytes
 
-    # the same video up to batch-size float noise (a grey level may round the other way)
+    # the same video up to batch-size float noise, which H.264 can amplify on some CPUs
+    # (measured: 0.0 here, 0.99 on CI's CPU); the neighbouring seeds 8 and 10 differ by ~17
     diff = read_mp4(out / "0002.mp4").astype(int) - read_mp4(mp4_bytes(alone[0], fps=8))
-    assert np.abs(diff).mean() < 0.5
+    assert np.abs(diff).mean() < 4.0
     assert saved["settings"]["steps_per_stage"] == [2, 2]
     assert len(saved["checkpoint"]["sha256"]) == 64 and len(saved["prompts"]["sha256"]) == 64
     assert saved["scores"]["fvd_features"].startswith("fallback")
