@@ -330,3 +330,14 @@ def test_minilm_pooled_matches_sentence_transformers(minilm: MiniLMTextEncoder) 
     captions = ["a yellow digit 3 moving right", "a white nine heading down", ""]
     reference = model.encode(captions, convert_to_tensor=True, normalize_embeddings=True)
     torch.testing.assert_close(minilm.encode(captions).pooled, reference, atol=1e-5, rtol=0)
+
+
+def test_pca_target_std_scales_the_latent_and_not_the_reconstruction() -> None:
+    train = _smooth_videos(8, seed=0)
+    unit = PCAAutoencoder(latent_channels=8).fit(train)
+    quarter = PCAAutoencoder(latent_channels=8, target_std=0.25).fit(train)
+    assert quarter.encode(train).std().item() == pytest.approx(0.25, abs=1e-3)
+    torch.testing.assert_close(quarter.encode(train), 0.25 * unit.encode(train))
+    torch.testing.assert_close(quarter.decode(quarter.encode(train)), unit.decode(unit.encode(train)))
+    with pytest.raises(ValueError, match="target_std"):
+        PCAAutoencoder(target_std=0.0)

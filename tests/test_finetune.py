@@ -61,3 +61,23 @@ def test_lora_run_from_a_base_checkpoint_keeps_the_base_and_samples(tmp_path, ti
 def test_missing_base_checkpoint_is_one_clear_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="finetune.base_ckpt=.*does not exist"):
         load_base_weights(make_net(), tmp_path / "nope.ckpt")
+
+
+def test_full_finetune_starts_from_the_base_weights_and_its_latent_space(tmp_path, tiny_data_dir):
+    from src.train import train
+    from tests.conftest import tiny_cfg
+
+    train(tiny_cfg(tmp_path / "base", tiny_data_dir))
+    GlobalHydra.instance().clear()
+    base = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    base_sd = torch.load(base, weights_only=True)["state_dict"]  # the base's EMA weights
+    # LR 0: the weights the fine-tune starts from are the weights it saves
+    extra = ["finetune=full", f"finetune.base_ckpt={base}", "model.optim.lr=0.0", "seed=7"]
+    train(tiny_cfg(tmp_path / "full", tiny_data_dir, extra))
+    GlobalHydra.instance().clear()
+    raw = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    raw = raw["current_model_state"]
+    nets = [k for k in base_sd if k.startswith(("net.", "autoencoder."))]
+    assert any(k.startswith("autoencoder.") for k in nets)  # the tiny recipe fits a PCA
+    for k in nets:
+        assert torch.equal(raw[k], base_sd[k]), k

@@ -296,8 +296,8 @@ class PCAAutoencoder(LatentAutoencoder):
     ``D = 3 * s * s * f_t`` space-to-depth vector; ``decode`` is the least-squares inverse
     ``v = z / scale @ components + mean`` (the rows of ``components`` are orthonormal) followed by
     depth-to-space and a clamp to [-1, 1]. ``scale`` is one global number chosen so that the
-    latents of the fit data have unit overall standard deviation (the channels keep their
-    relative variances: the first component carries the most).
+    latents of the fit data have overall standard deviation ``target_std`` (the channels keep
+    their relative variances: the first component carries the most).
 
     All fitted quantities are persistent buffers, so ``state_dict()`` (and hence a Lightning
     checkpoint of a module holding this one) restores an identical encoder without refitting.
@@ -308,6 +308,11 @@ class PCAAutoencoder(LatentAutoencoder):
         latent_channels: number of principal components kept, ``1 <= K <= D``.
         fit_samples: how many training videos the owner should pass to :meth:`fit`; stored for
             the caller, not used here.
+        target_std: overall standard deviation of the fitted latents (1 = the usual unit
+            normalisation). On a mostly black canvas a unit overall std puts foreground cells
+            at |z| ~ 30, so they stay visible under the noise up to sigma ~ 0.97 and the
+            flow decides an object's shape in its noisiest (coarsest) stage; a smaller value
+            moves that decision to lower noise.
     """
 
     requires_fit = True
@@ -325,8 +330,14 @@ class PCAAutoencoder(LatentAutoencoder):
         temporal_factor: int = 4,
         latent_channels: int = 16,
         fit_samples: int = 512,
+        target_std: float = 1.0,
     ) -> None:
         super().__init__(spatial_factor, temporal_factor, latent_channels)
+        if not target_std > 0:
+            raise ValueError(
+                f"autoencoder.target_std must be > 0, got {target_std}; fix: e.g. 1.0 (unit std)"
+            )
+        self.target_std = float(target_std)
         dim = 3 * spatial_factor * spatial_factor * temporal_factor
         if latent_channels > dim:
             raise ValueError(
@@ -427,7 +438,7 @@ class PCAAutoencoder(LatentAutoencoder):
         kept = eigvals[:k]
         if float(kept.sum()) <= 0.0:
             raise ValueError("PCAAutoencoder.fit: the videos have zero variance (all constant)")
-        scale = kept.mean().rsqrt()  # latents of the fit data get unit overall std
+        scale = self.target_std * kept.mean().rsqrt()  # overall std target_std on the fit data
         device = self.mean.device
         self.mean.copy_(mean.to(device))
         self.components.copy_(components.to(device))

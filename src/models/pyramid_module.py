@@ -217,11 +217,16 @@ class PyramidFlowModule(L.LightningModule):
             return
         self.net = PyramidDiT(**self.hparams.net)
         ft = self.hparams.finetune or {}
-        if ft.get("name", "none") == "lora":
-            from src.utils.finetune import apply_lora, load_base_weights
+        if ft.get("base_ckpt") and self._trainer is not None:  # training, not loading
+            from src.utils.finetune import load_base_autoencoder, load_base_state, load_base_weights
 
-            if ft.get("base_ckpt") and self._trainer is not None:  # training, not loading
-                load_base_weights(self.net, ft["base_ckpt"])
+            state = load_base_state(ft["base_ckpt"])
+            load_base_weights(self.net, ft["base_ckpt"], state)
+            if getattr(self.autoencoder, "requires_fit", False):  # the base's latent space
+                load_base_autoencoder(self.autoencoder, state)
+        if ft.get("name", "none") == "lora":
+            from src.utils.finetune import apply_lora
+
             keys = ("rank", "alpha", "dropout", "target_modules")
             apply_lora(self.net, **{k: ft[k] for k in keys})
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy

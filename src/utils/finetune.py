@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of the DiT with peft (`finetune=lora`)."""
+"""Fine-tuning from a trained checkpoint: all weights (`finetune=full`) or LoRA adapters with
+peft (`finetune=lora`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 
-def load_base_weights(net: nn.Module, ckpt_path: str | Path) -> None:
-    """Copy a trained checkpoint's DiT weights (`net.*` in its state_dict) into `net`."""
+def load_base_state(ckpt_path: str | Path) -> dict:
+    """The model state_dict of a checkpoint written by src/train.py (its EMA weights when it
+    was trained with EMA: Lightning's WeightAveraging stores the average as `state_dict`)."""
     path = Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(
@@ -19,8 +21,23 @@ def load_base_weights(net: nn.Module, ckpt_path: str | Path) -> None:
     from src.models.checkpoint import load_sharded
 
     ckpt = load_sharded(path) if path.is_dir() else torch.load(path, "cpu", weights_only=True)
-    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
+    return ckpt["state_dict"]
+
+
+def load_base_weights(net: nn.Module, ckpt_path: str | Path, state: dict | None = None) -> None:
+    """Copy a trained checkpoint's DiT weights (`net.*` in its state_dict) into `net`."""
+    state = load_base_state(ckpt_path) if state is None else state
+    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+
+
+def load_base_autoencoder(autoencoder: nn.Module, state: dict) -> bool:
+    """Adopt the base run's fitted autoencoder buffers (e.g. its PCA), so the fine-tuned DiT
+    works in the latent space it was trained in. False if the checkpoint holds none."""
+    sub = {k[len("autoencoder.") :]: v for k, v in state.items() if k.startswith("autoencoder.")}
+    if not sub:
+        return False
+    autoencoder.load_state_dict(sub)
+    return True
 
 
 def apply_lora(net: nn.Module, rank: int, alpha: float, dropout: float, target_modules) -> int:
