@@ -218,12 +218,12 @@ class PyramidFlowModule(L.LightningModule):
         self.net = PyramidDiT(**self.hparams.net)
         ft = self.hparams.finetune or {}
         if ft.get("base_ckpt") and self._trainer is not None:  # training, not loading
-            from src.utils.finetune import load_base_autoencoder, load_base_state, load_base_weights
+            from src.utils import finetune as fine
 
-            state = load_base_state(ft["base_ckpt"])
-            load_base_weights(self.net, ft["base_ckpt"], state)
+            state = fine.load_base_state(ft["base_ckpt"])
+            fine.load_base_weights(self.net, ft["base_ckpt"], state)
             if getattr(self.autoencoder, "requires_fit", False):  # the base's latent space
-                load_base_autoencoder(self.autoencoder, state)
+                fine.load_base_autoencoder(self.autoencoder, state)
         if ft.get("name", "none") == "lora":
             from src.utils.finetune import apply_lora
 
