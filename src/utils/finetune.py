@@ -11,13 +11,18 @@ from torch import nn
 
 def load_base_state(ckpt_path: str | Path) -> dict:
     """The model state_dict of a checkpoint written by src/train.py (its EMA weights when it
-    was trained with EMA: Lightning's WeightAveraging stores the average as `state_dict`)."""
+    was trained with EMA: Lightning's WeightAveraging stores the average as `state_dict`), or
+    of a DiT converted by src/convert.py (a .safetensors file of `net.*` weights)."""
     path = Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(
             f"finetune.base_ckpt={ckpt_path} does not exist; fix: a .ckpt (or sharded folder) "
             "written by src/train.py"
         )
+    if path.suffix == ".safetensors":  # a converted DiT (python src/convert.py): net weights
+        from safetensors.torch import load_file
+
+        return {f"net.{k}": v for k, v in load_file(str(path)).items()}
     from src.models.checkpoint import load_sharded
 
     ckpt = load_sharded(path) if path.is_dir() else torch.load(path, "cpu", weights_only=True)

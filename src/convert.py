@@ -1,0 +1,83 @@
+"""Convert released Pyramid Flow weights into checkpoints this repository loads.
+
+    python src/convert.py reference_dir=PATH/pyramid-flow-miniflux variant=384p
+
+Reads every ``*.safetensors`` shard of ``<reference_dir>/diffusion_transformer_<variant>`` (the
+key layout of diffusers' FluxTransformer2DModel), converts it with
+:func:`src.models.flux_conversion.flux_to_dit`, checks every key and shape against a PyramidDiT
+built from ``net`` (``model/net=dit_2b`` and the released widths; built on the meta device, so
+no memory is spent), and writes ``out``: a safetensors file of our DiT keys, with the net
+config and the source files in its metadata. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import rootutils
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
+
+from src.models.dit import PyramidDiT  # noqa: E402
+from src.models.flux_conversion import check_against, flux_to_dit  # noqa: E402
+from src.utils import RankedLogger, extras  # noqa: E402
+
+log = RankedLogger(__name__)
+VARIANTS = ("384p", "768p", "image")
+
+
+def read_shards(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Merge the tensors of every safetensors shard of a folder; (state, file names)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors in {folder}; fix: reference_dir must be the downloaded "
+            "pyramid-flow-miniflux folder (it holds diffusion_transformer_<variant>/)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_file(str(f))
+        clash = sorted(set(part) & set(state))
+        if clash:
+            raise ValueError(f"key {clash[0]} appears in two shards of {folder}; fix: one copy")
+        state.update(part)
+    return state, [f.name for f in files]
+
+
+def convert_dit(cfg: DictConfig) -> Path:
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant={cfg.variant!r} is unknown; fix: one of {list(VARIANTS)}")
+    folder = Path(cfg.reference_dir) / f"diffusion_transformer_{cfg.variant}"
+    state, files = read_shards(folder)
+    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
+    ours = flux_to_dit(state, int(net_cfg["in_channels"]), int(net_cfg["patch_size"]))
+    with torch.device("meta"):
+        target = PyramidDiT(**net_cfg).state_dict()
+    check_against(ours, target)
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    meta = {"net": json.dumps(net_cfg), "source": str(folder), "files": json.dumps(files)}
+    save_file({k: v.contiguous() for k, v in ours.items()}, str(tmp), metadata=meta)
+    tmp.replace(out)  # never a half-written checkpoint under the final name
+    n = sum(v.numel() for v in ours.values())
+    log.info(f"converted {len(ours)} tensors ({n:,} parameters) from {folder} -> {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="convert.yaml")
+def main(cfg: DictConfig) -> None:
+    extras(cfg)
+    convert_dit(cfg)
+
+
+if __name__ == "__main__":
+    main()
