@@ -81,3 +81,18 @@ def test_full_finetune_starts_from_the_base_weights_and_its_latent_space(tmp_pat
     assert any(k.startswith("autoencoder.") for k in nets)  # the tiny recipe fits a PCA
     for k in nets:
         assert torch.equal(raw[k], base_sd[k]), k
+
+
+def test_base_checkpoint_of_another_net_size_is_one_clear_line(tmp_path):
+    from safetensors.torch import save_file
+
+    base = make_net()
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    load_base_weights(make_net(), path)  # the same size loads
+    wider = make_net(mlp_ratio=2.0)  # same widths, other MLP size
+    with pytest.raises(ValueError, match=r"DiT key \S+ has shape .* there and .* here; fix"):
+        load_base_weights(wider, path)
+    deeper = make_net(depth_single=len(base.single_blocks) + 1)
+    with pytest.raises(ValueError, match=r"single_blocks\.\d+\.\S+ is missing there"):
+        load_base_weights(deeper, path)

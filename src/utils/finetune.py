@@ -32,7 +32,20 @@ def load_base_state(ckpt_path: str | Path) -> dict:
 def load_base_weights(net: nn.Module, ckpt_path: str | Path, state: dict | None = None) -> None:
     """Copy a trained checkpoint's DiT weights (`net.*` in its state_dict) into `net`."""
     state = load_base_state(ckpt_path) if state is None else state
-    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    base = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    own = net.state_dict()
+    for key in sorted(set(own) | set(base)):
+        if key not in base or key not in own or base[key].shape != own[key].shape:
+            where = (
+                f"has shape {tuple(base[key].shape)} there and {tuple(own[key].shape)} here"
+                if key in base and key in own
+                else ("is missing there" if key not in base else "does not exist here")
+            )
+            raise ValueError(
+                f"finetune.base_ckpt={ckpt_path}: DiT key {key} {where}; fix: the base run's "
+                "model.net settings (hidden_size, depths, patch_size, text widths)"
+            )
+    net.load_state_dict(base)
 
 
 def load_base_autoencoder(autoencoder: nn.Module, state: dict) -> bool:
