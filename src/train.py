@@ -29,18 +29,67 @@ from src.utils.config_checks import validate_config  # noqa: E402
 log = RankedLogger(__name__)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """None if ``path`` is a complete, readable checkpoint; else why not, in a few words.
+
+    Reads the pickle and the zip directory (tensors are memory-mapped, not read), or for a
+    sharded folder its meta.pt and the .metadata that torch.distributed.checkpoint writes last.
+    """
+    try:
+        if path.is_dir():
+            if not (path / ".metadata").is_file():
+                return "a sharded folder without .metadata (its save did not finish)"
+            path = path / "meta.pt"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, bad pickle, unreadable file
+        return f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        return "no global_step in it (not a training checkpoint)"
+    return None
+
+
+def _global_step(path: Path) -> int:
+    meta = path / "meta.pt" if path.is_dir() else path
+    return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last` resumes this run folder's last.ckpt when it exists (else starts fresh)."""
+    """`ckpt_path=last`: resume this run folder's newest loadable checkpoint.
+
+    last.ckpt when it is readable (the usual case: nothing else is opened); otherwise, with one
+    line per damaged file, the readable checkpoint with the highest global step among
+    last.ckpt.old (a kill between the two renames of a sharded save) and step_*.ckpt. No
+    checkpoint at all: a new run. Checkpoints that are all damaged: one line and a stop (a new
+    run would overwrite them).
+    """
     if cfg.get("ckpt_path") != "last":
         return cfg.get("ckpt_path")
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    last = folder / "last.ckpt"
     if last.exists():  # a file, or a directory for sharded (FSDP) checkpoints
-        log.info(f"Resuming from {last}")
-        return str(last)
-    old = last.with_name(last.name + ".old")  # a kill between the two renames of a sharded save
-    if old.is_dir():
-        log.info(f"Resuming from {old} (the save that replaced it did not finish)")
-        return str(old)
+        problem = checkpoint_problem(last)
+        if problem is None:
+            log.info(f"Resuming from {last}")
+            return str(last)
+        log.warning(f"{last} is {problem}: looking for the previous good checkpoint")
+    others = [folder / "last.ckpt.old", *sorted(folder.glob("step_*.ckpt"))]
+    good, damaged = [], [last] if last.exists() else []
+    for path in (p for p in others if p.exists()):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            good.append((_global_step(path), path.name.startswith("last"), path))
+        else:
+            damaged.append(path)
+            log.warning(f"{path} is {problem}: skipped")
+    if good:
+        step, _, path = max(good)
+        log.info(f"Resuming from {path} (global step {step}, the newest loadable checkpoint)")
+        return str(path)
+    if damaged:
+        raise RuntimeError(
+            f"ckpt_path=last: none of the {len(damaged)} checkpoints in {folder} can be read; "
+            "fix: move them away to start a new run, or pass ckpt_path=PATH to a good copy"
+        )
     log.info(f"ckpt_path=last but {last} does not exist yet: starting a new run")
     return None
 

@@ -88,6 +88,13 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
     assert ckpt["global_step"] == 4 and torch.equal(ckpt["w"], torch.ones(1000))
 
 
+def _sharded(path, step):
+    """A stand-in sharded checkpoint folder: meta.pt and the .metadata DCP writes last."""
+    path.mkdir(parents=True)
+    torch.save({"global_step": step}, path / "meta.pt")
+    (path / ".metadata").write_bytes(b"x")
+
+
 def test_resume_falls_back_to_the_old_sharded_folder_after_a_kill_between_renames(tmp_path):
     from omegaconf import OmegaConf
 
@@ -96,11 +103,46 @@ def test_resume_falls_back_to_the_old_sharded_folder_after_a_kill_between_rename
     cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path)}})
     ckpts = tmp_path / "checkpoints"
     assert resolve_ckpt_path(cfg) is None  # nothing yet: a fresh run
-    (ckpts / "last.ckpt.old").mkdir(parents=True)
+    _sharded(ckpts / "last.ckpt.old", 4)
     (ckpts / "last.ckpt.partial").mkdir()  # an unfinished new save is never used
     assert resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt.old")
-    (ckpts / "last.ckpt").mkdir()
+    _sharded(ckpts / "last.ckpt", 6)
     assert resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt")
+
+
+def test_resume_skips_a_damaged_last_checkpoint_for_the_newest_good_one(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from src.train import resolve_ckpt_path
+
+    cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path)}})
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for step in (2, 4, 6):
+        torch.save({"global_step": step, "w": torch.ones(100)}, ckpts / f"step_{step:08d}.ckpt")
+    torch.save({"global_step": 8, "w": torch.ones(100)}, ckpts / "last.ckpt")
+    assert resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt")
+    data = (ckpts / "last.ckpt").read_bytes()
+    (ckpts / "last.ckpt").write_bytes(data[: len(data) // 2])  # a copy cut short
+    good = (ckpts / "step_00000006.ckpt").read_bytes()
+    (ckpts / "step_00000006.ckpt").write_bytes(b"garbage")  # and the newest step file too
+    with caplog.at_level("WARNING"):
+        assert resolve_ckpt_path(cfg) == str(ckpts / "step_00000004.ckpt")
+    assert (
+        "last.ckpt is unreadable" in caplog.text
+        and "step_00000006.ckpt is unreadable" in caplog.text
+    )
+    (ckpts / "step_00000006.ckpt").write_bytes(good)
+    assert resolve_ckpt_path(cfg) == str(ckpts / "step_00000006.ckpt")
+    _sharded(ckpts / "step_00000007.ckpt", 7)  # sharded folders count too ...
+    assert resolve_ckpt_path(cfg) == str(ckpts / "step_00000007.ckpt")
+    (ckpts / "step_00000007.ckpt" / ".metadata").unlink()  # ... when their save finished
+    assert resolve_ckpt_path(cfg) == str(ckpts / "step_00000006.ckpt")
+    for p in ckpts.glob("step_*.ckpt"):
+        if p.is_file():
+            p.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="none of the 5 checkpoints in .* can be read; fix"):
+        resolve_ckpt_path(cfg)
 
 
 @pytest.mark.slow
@@ -133,3 +175,19 @@ def test_preemption_signal_writes_last_checkpoint_stops_and_requeues_under_slurm
     res = _train(tmp_path, tiny_data_dir, "preempted", "ckpt_path=last")  # the requeued job
     assert res.returncode == 0, res.stderr[-3000:]
     assert _last(tmp_path, "preempted")["global_step"] == 8
+
+
+def test_keep_the_newest_k_step_checkpoints(tmp_path, tiny_data_dir):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from src.train import train
+    from tests.conftest import tiny_cfg
+
+    extra = [
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.save_top_k=2",
+    ]
+    train(tiny_cfg(tmp_path / "run", tiny_data_dir, extra))
+    GlobalHydra.instance().clear()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.ckpt"))
+    assert kept == ["step_00000003.ckpt", "step_00000004.ckpt"]
