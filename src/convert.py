@@ -1,13 +1,20 @@
 """Convert released Pyramid Flow weights into checkpoints this repository loads.
 
-    python src/convert.py reference_dir=PATH/pyramid-flow-miniflux variant=384p
+    python src/convert.py reference_dir=PATH/pyramid-flow-miniflux variant=384p   # DiT
+    python src/convert.py reference_dir=PATH/pyramid-flow-miniflux part=vae       # VAE
 
 Reads every ``*.safetensors`` shard of ``<reference_dir>/diffusion_transformer_<variant>`` (the
 key layout of diffusers' FluxTransformer2DModel), converts it with
 :func:`src.models.flux_conversion.flux_to_dit`, checks every key and shape against a PyramidDiT
 built from ``net`` (``model/net=dit_2b`` and the released widths; built on the meta device, so
 no memory is spent), and writes ``out``: a safetensors file of our DiT keys, with the net
-config and the source files in its metadata. Nothing is downloaded.
+config and the source files in its metadata.
+
+``part=vae`` reads ``<reference_dir>/causal_video_vae``, converts it with
+:func:`src.models.vae.released.reference_to_vae` into a :class:`CausalVAE` built from ``vae``
+(``configs/vae/pyramid_flow_miniflux.yaml``), and writes ``vae_out``: a ``save_vae`` export with
+the reference pipeline's latent normalisation (``autoencoder=pyramid_flow_miniflux`` loads it). Nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -73,10 +80,40 @@ def convert_dit(cfg: DictConfig) -> Path:
     return out
 
 
+def convert_vae(cfg: DictConfig) -> Path:
+    from src.models.vae.causal_vae import CausalVAE, save_vae
+    from src.models.vae.released import LATENT_NORMALIZATION, reference_to_vae
+
+    folder = Path(cfg.reference_dir) / "causal_video_vae"
+    state, files = read_shards(folder)
+    config = OmegaConf.to_container(cfg.vae, resolve=True)
+    ours = reference_to_vae(state, config)
+    vae = CausalVAE(**config)
+    for key, value in vae.state_dict().items():
+        if key not in ours or ours[key].shape != value.shape:
+            got = tuple(ours[key].shape) if key in ours else "nothing"
+            raise ValueError(
+                f"VAE key {key}: the released weights give {got}, CausalVAE expects "
+                f"{tuple(value.shape)}; fix: vae=pyramid_flow_miniflux (the released layout)"
+            )
+    vae.load_state_dict(ours)
+    c = vae.latent_channels
+    norm = {k: torch.full((c,), v) for k, v in LATENT_NORMALIZATION.items()}
+    why = "reference pipeline constants for model_name pyramid_flux"
+    meta = {"source": str(folder), "files": files, "normalization": why}
+    save_vae(cfg.vae_out, vae, config, norm, meta)
+    n = sum(p.numel() for p in vae.parameters())
+    log.info(f"converted the VAE ({n:,} parameters) from {folder} -> {cfg.vae_out}")
+    return Path(cfg.vae_out)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="convert.yaml")
 def main(cfg: DictConfig) -> None:
     extras(cfg)
-    convert_dit(cfg)
+    parts = {"dit": convert_dit, "vae": convert_vae}
+    if cfg.part not in parts:
+        raise ValueError(f"part={cfg.part!r} is unknown; fix: one of {list(parts)}")
+    parts[cfg.part](cfg)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,18 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def vae() -> CausalVAE:
+# the released Pyramid Flow VAE's layout options (configs/vae/pyramid_flow_miniflux.yaml)
+RELEASED_LAYOUT = dict(temporal_down_kernel=3, upsample_order="space_time", quant_conv=True)
+LAYOUTS = {"ours": TINY, "released": {**TINY, **RELEASED_LAYOUT}}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def vae(request) -> CausalVAE:
+    """Every test below runs on both layouts."""
     torch.manual_seed(0)
-    return CausalVAE(**TINY).eval()
+    net = CausalVAE(**LAYOUTS[request.param]).eval()
+    net.test_config = LAYOUTS[request.param]
+    return net
 
 
 def _video(frames=9, size=16, seed=1, batch=2):
@@ -70,7 +78,7 @@ def test_encoder_and_decoder_are_causal(vae):
     x = _video(frames=17, size=16)
     y = x.clone()
     y[:, :, 9:] = -y[:, :, 9:]  # change frames 9.. (latent frames 3.. cover frames 9..)
-    a, b = vae.encoder(x), vae.encoder(y)
+    a, b = vae.encode_moments(x), vae.encode_moments(y)
     torch.testing.assert_close(a[:, :, :3], b[:, :, :3], rtol=0, atol=0)
     assert (a[:, :, 3:] - b[:, :, 3:]).abs().max() > 1e-4
     z = torch.randn(1, 4, 5, 4, 4)
@@ -83,8 +91,8 @@ def test_encoder_and_decoder_are_causal(vae):
 
 def test_image_is_a_one_frame_video(vae):
     x = _video(frames=17, size=16)
-    full = vae.encoder(x)
-    image = vae.encoder(x[:, :, :1])
+    full = vae.encode_moments(x)
+    image = vae.encode_moments(x[:, :, :1])
     assert image.shape[2] == 1
     torch.testing.assert_close(image, full[:, :, :1], rtol=0, atol=1e-6)
     assert vae.decode(image[:, :4]).shape[2] == 1
@@ -93,7 +101,7 @@ def test_image_is_a_one_frame_video(vae):
 @pytest.mark.parametrize("chunk", [4, 8])
 def test_chunked_encode_matches_plain(vae, chunk):
     x = _video(frames=17, size=16)
-    plain = vae.encoder(x)
+    plain = vae.encode_moments(x)
     chunked = vae.encode_moments_chunked(x, chunk)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of the temporal factor"):
@@ -127,9 +135,10 @@ def test_tiled_map_blends_to_the_untiled_result():
 def test_export_round_trip_and_autoencoder(tmp_path, vae):
     stats = latent_statistics(vae, [_video(frames=9, size=16, seed=s) for s in range(3)])
     path = tmp_path / "vae.safetensors"
-    save_vae(path, vae, TINY, stats, {"trained_steps": 7})
+    save_vae(path, vae, vae.test_config, stats, {"trained_steps": 7})
     net, config, norm, meta = load_vae(path)
-    assert config == {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.test_config.items()}
+    assert config == expected
     assert meta["trained_steps"] == 7
     for k, v in vae.state_dict().items():
         assert torch.equal(net.state_dict()[k], v)
@@ -162,7 +171,7 @@ def test_latent_statistics_normalise_to_zero_mean_unit_std(vae):
     """Statistics of first and later frames differ; normalised latents are standardised."""
     videos = [_video(frames=9, size=16, seed=s) * 0.5 + 0.2 for s in range(4)]
     stats = latent_statistics(vae, videos, seed=0)
-    ae = CausalVideoAutoencoder(vae=TINY)
+    ae = CausalVideoAutoencoder(vae=vae.test_config)
     ae.net.load_state_dict(vae.state_dict())
     ae.set_normalization(stats)
     g = torch.Generator().manual_seed(0)
@@ -224,3 +233,37 @@ def test_gan_step_updates_both_nets_and_counts_one_global_step(tmp_path, tiny_da
     assert {"train/gan_g", "train/gan_d", "train/gan_weight"} <= set(logged)
     assert 0.0 <= float(logged["train/gan_weight"]) <= 1e4
     assert any(not torch.equal(a, b) for a, b in zip(disc0, module.discriminator.parameters()))
+
+
+def test_released_layout_options_change_the_network_where_documented():
+    ours, released = CausalVAE(**TINY), CausalVAE(**LAYOUTS["released"])
+    shapes = {k: tuple(v.shape) for k, v in released.state_dict().items()}
+    assert shapes["encoder.blocks.0.1.temporal.conv.weight"] == (8, 8, 3, 3, 3)
+    assert ours.state_dict()["encoder.blocks.0.1.temporal.conv.weight"].shape == (8, 8, 3, 1, 1)
+    assert shapes["quant_conv.conv.weight"] == (8, 8, 1, 1, 1)
+    assert shapes["post_quant_conv.conv.weight"] == (4, 4, 1, 1, 1)
+    assert "quant_conv.conv.weight" not in ours.state_dict()
+    up = released.decoder.blocks[1][0]  # the level that upsamples both space and time
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 3, 4, 4)
+    space_first = up(x)
+    up.space_first = False
+    assert space_first.shape == up(x).shape == (1, 16, 5, 8, 8)
+    assert not torch.allclose(space_first, up(x))  # the order is a different function
+    with pytest.raises(ValueError, match="vae.upsample_order='up' is unknown"):
+        CausalVAE(**{**TINY, "upsample_order": "up"})
+    with pytest.raises(ValueError, match="vae.temporal_down_kernel=2 is not supported"):
+        CausalVAE(**{**TINY, "temporal_down_kernel": 2})
+
+
+def test_the_released_preset_has_the_released_parameter_count():
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONFIG_DIR
+
+    cfg = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/vae/pyramid_flow_miniflux.yaml"))
+    with torch.device("meta"):
+        net = CausalVAE(**cfg)
+    # the released file has 260 tensors: its mid-block attentions keep q, k, v and out apart
+    assert len(net.state_dict()) == 260 - 2 * 4
+    assert sum(p.numel() for p in net.parameters()) == 335_402_067

@@ -72,6 +72,9 @@ class DiagonalGaussian:
         return kl.flatten(1).sum(1)
 
 
+UPSAMPLE_ORDERS = ("time_space", "space_time")
+
+
 def _mid_block(channels: int, attention: bool, groups: int) -> nn.Sequential:
     """ResNet -> per-frame attention (optional) -> ResNet at the bottleneck resolution."""
     attn = [FrameAttention(channels, groups)] if attention else []
@@ -91,6 +94,8 @@ class _Encoder(nn.Module):
         patch_size: int,
         attention: bool,
         groups: int,
+        temporal_down_kernel: int = 1,
+        upsample_order: str = "time_space",
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -102,7 +107,7 @@ class _Encoder(nn.Module):
                 layers.append(ResBlock3d(prev, ch, groups))
                 prev = ch
             if sd or td:
-                layers.append(Downsample(ch, sd, td))
+                layers.append(Downsample(ch, sd, td, temporal_down_kernel))
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
         self.mid = _mid_block(prev, attention, groups)
@@ -128,6 +133,8 @@ class _Decoder(nn.Module):
         patch_size: int,
         attention: bool,
         groups: int,
+        temporal_down_kernel: int = 1,
+        upsample_order: str = "time_space",
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -138,7 +145,7 @@ class _Decoder(nn.Module):
         for ch, su, tu in reversed(list(zip(channels, spatial_down, temporal_down))):
             layers: list[nn.Module] = []
             if su or tu:
-                layers.append(Upsample(prev, su, tu))
+                layers.append(Upsample(prev, su, tu, upsample_order == "space_time"))
             for _ in range(num_res_blocks + 1):
                 layers.append(ResBlock3d(prev, ch, groups))
                 prev = ch
@@ -169,6 +176,12 @@ class CausalVAE(nn.Module):
             cheap way to make small CPU models.
         attention: per-frame spatial self-attention in the mid blocks.
         norm_groups: GroupNorm groups (reduced to a divisor of the channels when needed).
+        temporal_down_kernel: spatial size of the temporal downsampling conv's kernel: 1 (a
+            3x1x1 conv) or 3 (3x3x3, the released Pyramid Flow VAE).
+        upsample_order: ``"time_space"`` (time, then space at each decoder level) or
+            ``"space_time"`` (the released VAE).
+        quant_conv: 1x1x1 convs on the posterior moments (``quant_conv``) and on the latent
+            before the decoder (``post_quant_conv``), as in the released VAE.
     """
 
     def __init__(
@@ -182,8 +195,21 @@ class CausalVAE(nn.Module):
         patch_size: int = 1,
         attention: bool = True,
         norm_groups: int = 32,
+        temporal_down_kernel: int = 1,
+        upsample_order: str = "time_space",
+        quant_conv: bool = False,
     ) -> None:
         super().__init__()
+        if temporal_down_kernel not in (1, 3):
+            raise ValueError(
+                f"vae.temporal_down_kernel={temporal_down_kernel} is not supported; fix: 1 "
+                "(3x1x1) or 3 (3x3x3, the released Pyramid Flow VAE)"
+            )
+        if upsample_order not in UPSAMPLE_ORDERS:
+            raise ValueError(
+                f"vae.upsample_order={upsample_order!r} is unknown; fix: one of "
+                f"{list(UPSAMPLE_ORDERS)}"
+            )
         levels = len(channel_mult)
         for name, seq in (("spatial_down", spatial_down), ("temporal_down", temporal_down)):
             if len(seq) != levels:
@@ -201,20 +227,30 @@ class CausalVAE(nn.Module):
             patch_size,
             attention,
             norm_groups,
+            temporal_down_kernel,
+            upsample_order,
         )
         self.encoder = _Encoder(*args)
         self.decoder = _Decoder(*args)
+        c = latent_channels
+        self.quant_conv = CausalConv3d(2 * c, 2 * c, 1) if quant_conv else None
+        self.post_quant_conv = CausalConv3d(c, c, 1) if quant_conv else None
         self.latent_channels = latent_channels
         self.spatial_factor = patch_size * 2 ** sum(bool(s) for s in spatial_down)
         self.temporal_factor = 2 ** sum(bool(t) for t in temporal_down)
 
+    def encode_moments(self, video: Tensor) -> Tensor:
+        """``(B, 3, 1 + k f_t, H, W)`` -> posterior mean and log-variance, ``(B, 2C, t, h, w)``."""
+        moments = self.encoder(video)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
     def encode(self, video: Tensor) -> DiagonalGaussian:
         """``(B, 3, 1 + k f_t, H, W)`` -> posterior over ``(B, C, 1 + k, H / s, W / s)``."""
-        return DiagonalGaussian(self.encoder(video))
+        return DiagonalGaussian(self.encode_moments(video))
 
     def decode(self, z: Tensor) -> Tensor:
         """``(B, C, t, h, w)`` -> ``(B, 3, 1 + (t - 1) f_t, h s, w s)`` (not clamped)."""
-        return self.decoder(z)
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(
         self, video: Tensor, sample: bool = True, generator: torch.Generator | None = None
@@ -228,7 +264,7 @@ class CausalVAE(nn.Module):
         """Posterior moments of a long video, fed as frame 0 then chunks of ``chunk_frames``.
 
         Causal caches carry the context between chunks, so the result equals
-        ``self.encoder(video)`` up to float rounding. ``chunk_frames`` must be a multiple of
+        ``self.encode_moments(video)`` up to float rounding. ``chunk_frames`` must be a multiple of
         the temporal factor.
         """
         if chunk_frames < 1 or chunk_frames % self.temporal_factor:
@@ -237,15 +273,15 @@ class CausalVAE(nn.Module):
                 f"factor {self.temporal_factor}"
             )
         pieces = [video[:, :, :1]] + list(video[:, :, 1:].split(chunk_frames, dim=2))
-        with streaming(self.encoder):
-            return torch.cat([self.encoder(p) for p in pieces], dim=2)
+        with streaming(self.encoder):  # the 1x1x1 quant_conv needs no temporal context
+            return torch.cat([self.encode_moments(p) for p in pieces], dim=2)
 
     def decode_chunked(self, z: Tensor, chunk_latents: int = 1) -> Tensor:
         """Decode ``chunk_latents`` latent frames at a time with cached causal context."""
         if chunk_latents < 1:
             raise ValueError(f"chunk_latents={chunk_latents} must be at least 1")
         with streaming(self.decoder):
-            return torch.cat([self.decoder(p) for p in z.split(chunk_latents, dim=2)], dim=2)
+            return torch.cat([self.decode(p) for p in z.split(chunk_latents, dim=2)], dim=2)
 
 
 def _ramp(length: int, overlap_before: int, overlap_after: int) -> Tensor:
@@ -455,7 +491,7 @@ class CausalVideoAutoencoder(LatentAutoencoder):
     def _moments(self, video: Tensor) -> Tensor:
         if self.chunk_frames:
             return self.net.encode_moments_chunked(video, self.chunk_frames)
-        return self.net.encoder(video)
+        return self.net.encode_moments(video)
 
     def _decode(self, z: Tensor) -> Tensor:
         if self.chunk_latents:

@@ -127,14 +127,19 @@ class FrameAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Spatial x1/2 (causal conv stride (1, 2, 2)) and/or temporal x1/2 (stride (2, 1, 1))."""
+    """Spatial x1/2 (causal conv stride (1, 2, 2)) and/or temporal x1/2 (stride (2, 1, 1)).
 
-    def __init__(self, channels: int, spatial: bool, temporal: bool) -> None:
+    ``temporal_kernel`` is the spatial size of the temporal conv's kernel: 1 gives 3x1x1 (a
+    purely temporal filter), 3 gives 3x3x3 (the released Pyramid Flow VAE).
+    """
+
+    def __init__(
+        self, channels: int, spatial: bool, temporal: bool, temporal_kernel: int = 1
+    ) -> None:
         super().__init__()
         self.spatial = CausalConv3d(channels, channels, 3, (1, 2, 2)) if spatial else None
-        self.temporal = (
-            CausalConv3d(channels, channels, (3, 1, 1), (2, 1, 1)) if temporal else None
-        )
+        k = (3, temporal_kernel, temporal_kernel)
+        self.temporal = CausalConv3d(channels, channels, k, (2, 1, 1)) if temporal else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.spatial is not None:
@@ -151,30 +156,41 @@ class Upsample(nn.Module):
     very first output frame is dropped (the image frame maps to one frame), so
     ``T_out = 1 + 2 (T - 1)``. In streaming mode only the first chunk drops a frame.
     Spatial x2: a causal conv to ``4C`` channels followed by a per-frame pixel shuffle.
+    ``space_first``: upsample space before time (the released Pyramid Flow VAE) instead of
+    time before space.
     """
 
-    def __init__(self, channels: int, spatial: bool, temporal: bool) -> None:
+    def __init__(
+        self, channels: int, spatial: bool, temporal: bool, space_first: bool = False
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.temporal = CausalConv3d(channels, 2 * channels, 3) if temporal else None
         self.spatial = CausalConv3d(channels, 4 * channels, 3) if spatial else None
+        self.space_first = space_first
         self.streaming = False
         self._started = False
 
     def reset_cache(self) -> None:
         self._started = False
 
+    def _time(self, x: Tensor) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = self.temporal(x).reshape(b, 2, c, t, h, w)  # (B, 2, C, T, H, W)
+        x = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # frames interleaved
+        if not (self.streaming and self._started):
+            x = x[:, :, 1:]  # (B, C, 2T - 1, H, W)
+        self._started = self.streaming
+        return x
+
+    def _space(self, x: Tensor) -> Tensor:
+        return pixel_shuffle_3d(self.spatial(x), 2)  # (B, C, T, 2H, 2W)
+
     def forward(self, x: Tensor) -> Tensor:
-        b, c = x.shape[:2]
-        if self.temporal is not None:
-            t, h, w = x.shape[2:]
-            y = self.temporal(x).reshape(b, 2, c, t, h, w)  # (B, 2, C, T, H, W)
-            x = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # frames interleaved
-            if not (self.streaming and self._started):
-                x = x[:, :, 1:]  # (B, C, 2T - 1, H, W)
-            self._started = self.streaming
-        if self.spatial is not None:
-            x = pixel_shuffle_3d(self.spatial(x), 2)  # (B, C, T, 2H, 2W)
+        steps = [(self.spatial, self._space), (self.temporal, self._time)]
+        for layer, step in steps if self.space_first else steps[::-1]:
+            if layer is not None:
+                x = step(x)
         return x
 
 
