@@ -13,8 +13,8 @@ config and the source files in its metadata.
 ``part=vae`` reads ``<reference_dir>/causal_video_vae``, converts it with
 :func:`src.models.vae.released.reference_to_vae` into a :class:`CausalVAE` built from ``vae``
 (``configs/vae/pyramid_flow_miniflux.yaml``), and writes ``vae_out``: a ``save_vae`` export with
-the reference pipeline's latent normalisation (``autoencoder=pyramid_flow_miniflux`` loads it). Nothing
-is downloaded.
+the reference pipeline's latent normalisation (``autoencoder=pyramid_flow_miniflux`` loads
+it). Nothing is downloaded.
 """
 
 from __future__ import annotations

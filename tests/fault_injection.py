@@ -30,3 +30,20 @@ class SignalAtStep(Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class FakeSubmititHandler(Callback):
+    """Stand-in for submitit's preemption handler (installed before training, as submitit does
+    before it runs the job): records each call in the file `record` and exits like submitit's
+    requeue."""
+
+    def __init__(self, record: str, signal: str = "SIGUSR2"):
+        self.record, self.signal = record, signal
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        def requeue_and_exit(signum, frame):
+            with open(self.record, "a") as fh:
+                fh.write(f"requeue {signal.Signals(signum).name}\n")
+            raise SystemExit(255)  # submitit: requeue, then sys.exit(-1)
+
+        signal.signal(getattr(signal, self.signal), requeue_and_exit)

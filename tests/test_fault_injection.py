@@ -177,6 +177,42 @@ def test_preemption_signal_writes_last_checkpoint_stops_and_requeues_under_slurm
     assert _last(tmp_path, "preempted")["global_step"] == 8
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGTERM"])
+def test_submitit_preemption_checkpoints_first_and_requeues_once_through_submitit(
+    tmp_path, tiny_data_dir, sig, monkeypatch
+):
+    bin_dir = tmp_path / "bin"  # a fake scontrol: submitit jobs must not be requeued by us
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setitem(ENV, "PATH", f"{bin_dir}:{ENV['PATH']}")
+    monkeypatch.setitem(ENV, "SLURM_JOB_ID", "4242")
+    monkeypatch.setitem(ENV, "SUBMITIT_EXECUTOR", "slurm")
+    log = tmp_path / "submitit.log"
+    extra = [
+        "trainer.max_steps=50",
+        "data.batches_per_epoch=100",
+        "+callbacks.submitit._target_=tests.fault_injection.FakeSubmititHandler",
+        f"+callbacks.submitit.record={log}",
+        "+callbacks.fault._target_=tests.fault_injection.SignalAtStep",
+        "+callbacks.fault.step=3",
+        f"+callbacks.fault.signal={sig}",
+    ]
+    res = _train(tmp_path, tiny_data_dir, "submitit", *extra)
+    assert f"received {sig} at step" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert _last(tmp_path, "submitit")["global_step"] == 4  # the step in flight, then saved
+    assert not (tmp_path / "scontrol.log").exists()  # never our requeue under submitit
+    if sig == "SIGUSR2":  # submitit's preemption signal: its requeue, once, after the save
+        assert log.read_text().splitlines() == ["requeue SIGUSR2"]
+        assert res.returncode == 255
+    else:  # a cancel stays a cancel
+        assert not log.exists() and res.returncode == 0
+    res = _train(tmp_path, tiny_data_dir, "submitit", "ckpt_path=last")  # the requeued job
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _last(tmp_path, "submitit")["global_step"] == 8
+
+
 def test_keep_the_newest_k_step_checkpoints(tmp_path, tiny_data_dir):
     from hydra.core.global_hydra import GlobalHydra
 

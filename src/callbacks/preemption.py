@@ -10,6 +10,14 @@ checkpoint goes through the ModelCheckpoint callback's last.ckpt (so it is not w
 or an explicit save when the run has none; the end-of-training sample videos are skipped. These
 handlers replace Lightning's SLURM SIGUSR1 handler (its hpc checkpoint is not what
 `ckpt_path=last` reads).
+
+Under submitit (`launcher=slurm`; the job environment has SUBMITIT_EXECUTOR=slurm) the warning
+signal is submitit's preemption signal (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise),
+whose handler would checkpoint the *submission*, requeue and exit at once, in the middle of a
+step and without a training checkpoint. This callback takes that signal over too: the step in
+flight finishes, last.ckpt is written, and only then is submitit's own handler called (at
+teardown, once), so the job is requeued exactly once, by submitit, and resumes from the
+checkpoint just written; `scontrol requeue` is not used for it. SIGTERM stays a cancel.
 """
 
 from __future__ import annotations
@@ -40,6 +48,16 @@ class Preemption(Callback):
         self.received: int | None = None
         self.stopping = False
         self._previous: dict[int, object] = {}
+        self._submitit_signal = self._submitit_preempt_signal()
+        self._submitit_requeue = None  # submitit's handler, called once the checkpoint exists
+
+    @staticmethod
+    def _submitit_preempt_signal() -> int | None:
+        """The signal submitit requeues on in this job (None outside a submitit SLURM job)."""
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            return None
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        return getattr(signal, f"SIG{name}", None)
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
@@ -47,7 +65,10 @@ class Preemption(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        for sig in self.signals:
+        signals = list(self.signals)
+        if self._submitit_signal is not None and self._submitit_signal not in signals:
+            signals.append(self._submitit_signal)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -59,13 +80,20 @@ class Preemption(Callback):
         requeue = strategy.reduce_boolean_decision(
             self.received in self.requeue_signals, all=False
         )
+        submitit = strategy.reduce_boolean_decision(
+            self.received is not None and self.received == self._submitit_signal, all=False
+        )
         self.stopping = True
         pl_module._preempted = True  # SampleVideo skips its end-of-training videos
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
-        job = self._slurm_job() if (requeue and self.requeue) else None
+        job = self._slurm_job() if (requeue and self.requeue and not submitit) else None
+        if submitit and self.requeue:  # submitit requeues (its handler), after our checkpoint
+            previous = self._previous.get(self._submitit_signal)
+            self._submitit_requeue = previous if callable(previous) else None
         log.warning(
             f"received {name} at step {trainer.global_step}: writing last.ckpt and stopping"
             + (f"; requeueing SLURM job {job}" if job else "")
+            + ("; submitit requeues the job once the run has stopped" if submitit else "")
         )
         last = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
         last = [c for c in last if c.save_last]
@@ -84,6 +112,9 @@ class Preemption(Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_handlers()
+        handler, self._submitit_requeue = self._submitit_requeue, None
+        if handler is not None:  # submitit: requeue (rank 0) and exit, exactly once
+            handler(self._submitit_signal, None)
 
     def _restore_handlers(self) -> None:
         for sig, previous in self._previous.items():
