@@ -16,7 +16,7 @@ from src.utils.preflight import (
 )
 from tests.conftest import compose_train
 
-EXPERIMENTS = ["pyramid_image", "pyramid_384p", "pyramid_768p"]
+EXPERIMENTS = ["pyramid_image", "pyramid_384p", "pyramid_768p", "miniflux_384p", "miniflux_768p"]
 
 
 def cfg_of(experiment, *extra):
@@ -32,6 +32,26 @@ def test_experiments_validate_and_are_sized_without_weights(experiment):
     est = estimate(cfg, "zero2", world=128)
     assert 1.9e9 < est["params"] < 2.1e9  # the paper's ~2 B miniFLUX DiT
     assert est["flops_per_sample"] > 1e12 and est["memory_total_gib"] > 0
+
+
+def test_released_model_experiments_use_the_release():
+    for size, frames, guidance in (("384p", 121, 7.0), ("768p", 241, 9.0)):
+        cfg = cfg_of(f"miniflux_{size}")
+        assert (
+            cfg.autoencoder.vae.upsample_order == "space_time" and cfg.autoencoder.vae.quant_conv
+        )
+        assert cfg.finetune.name == "full"
+        assert cfg.finetune.base_ckpt.endswith(f"miniflux_{size}_dit.safetensors")
+        assert cfg.text_encoder.t5_path.endswith("pyramid-flow-miniflux/text_encoder_2")
+        assert cfg.text_encoder.clip_path.endswith("pyramid-flow-miniflux/text_encoder")
+        assert cfg.video.num_frames == frames and cfg.video.fps == 24
+        assert (
+            list(cfg.sampling.steps) == [20, 20, 20] and list(cfg.sampling.video_steps) == [10] * 3
+        )
+        assert cfg.sampling.guidance_scale == guidance and cfg.sampling.video_guidance_scale == 5.0
+        assert cfg.temporal.history_timestep == "current"
+    with pytest.raises(ValueError, match="sampling.kv_cache=true needs"):
+        validate_config(cfg_of("miniflux_384p", "sampling.kv_cache=true"), check_files=False)
 
 
 def test_token_counts_match_the_paper():
