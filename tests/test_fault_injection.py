@@ -24,8 +24,8 @@ COMMON = [
 ]
 
 
-def _train(tmp_path: Path, data: Path, name: str, *extra: str):
-    return run([*COMMON, f"paths.data_dir={data}", f"paths.log_dir={tmp_path}", f"run_name={name}",
+def _train(tmp_path: Path, data: Path, name: str, *extra: str, common=COMMON):
+    return run([*common, f"paths.data_dir={data}", f"paths.log_dir={tmp_path}", f"run_name={name}",
                 *extra])  # fmt: skip
 
 
@@ -221,9 +221,69 @@ def test_keep_the_newest_k_step_checkpoints(tmp_path, tiny_data_dir):
 
     extra = [
         "callbacks.model_checkpoint.every_n_train_steps=1",
-        "callbacks.model_checkpoint.save_top_k=2",
+        "callbacks.model_checkpoint.keep_last=2",
     ]
     train(tiny_cfg(tmp_path / "run", tiny_data_dir, extra))
     GlobalHydra.instance().clear()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.ckpt"))
     assert kept == ["step_00000003.ckpt", "step_00000004.ckpt"]
+
+
+def _full_checkpoint(path: Path) -> dict:
+    """A checkpoint file, or a sharded folder gathered into one dict (meta.pt + all shards)."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        full = torch.load(Path(tmp) / "full.pt", weights_only=True)
+    return {**torch.load(path / "meta.pt", weights_only=True), **full}
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor of a nested checkpoint dict, by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {}
+    out = {}
+    for k, v in items:
+        out |= _tensors(v, f"{prefix}/{k}")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp_full", "fsdp_grad_op", "fsdp_hybrid"])
+def test_two_ranks_sigkill_then_resume_equals_an_uninterrupted_two_rank_run(tmp_path, strategy):
+    from src.data.shards import write_digits_shards
+
+    data = tmp_path / "data"  # 4 train shards: every rank gets its own
+    write_digits_shards(data / "shards" / "digits", num_train=16, num_val=8, samples_per_shard=4)
+    two = ["trainer.accelerator=cpu", "trainer.devices=2", f"strategy={strategy}"]
+    common = [a for a in COMMON if "ema" not in a or strategy == "ddp"]  # fsdp_*: no EMA
+    res = _train(tmp_path, data, "whole", *two, common=common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    kill = [
+        "+callbacks.fault._target_=tests.fault_injection.KillAtStep",
+        "+callbacks.fault.step=5",
+    ]
+    res = _train(tmp_path, data, "killed", *two, *kill, common=common)
+    assert res.returncode == -signal.SIGKILL  # both ranks die at step 5, no cleanup
+    res = _train(tmp_path, data, "killed", *two, "ckpt_path=last", common=common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpts = tmp_path / "train" / "runs"
+    whole = _full_checkpoint(ckpts / "whole" / "checkpoints" / "last.ckpt")
+    resumed = _full_checkpoint(ckpts / "killed" / "checkpoints" / "last.ckpt")
+    assert whole["global_step"] == resumed["global_step"] == 8
+    a, b = _tensors(whole), _tensors(resumed)
+    assert set(a) == set(b) and any("exp_avg_sq" in k for k in a)  # weights, EMA, AdamW moments
+    for key in a:
+        if a[key].is_floating_point():
+            assert torch.allclose(a[key], b[key], atol=1e-5), key
