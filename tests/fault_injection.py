@@ -21,12 +21,15 @@ class KillAtStep(Callback):
 
 
 class SignalAtStep(Callback):
-    """Send `signal` (a name, e.g. SIGTERM) to this process when training reaches `step`."""
+    """Send `signal` (a name, e.g. SIGTERM) to this process when training reaches `step`
+    (only on global rank `rank` when given: a signal that reaches one rank of a job)."""
 
-    def __init__(self, step: int, signal: str = "SIGTERM"):
-        self.step, self.signal, self.sent = step, signal, False
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int | None = None):
+        self.step, self.signal, self.sent, self.rank = step, signal, False, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal))

@@ -4,6 +4,7 @@ previous one loadable."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -287,3 +288,36 @@ def test_two_ranks_sigkill_then_resume_equals_an_uninterrupted_two_rank_run(tmp_
     for key in a:
         if a[key].is_floating_point():
             assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    from src.data.shards import write_digits_shards
+
+    data = tmp_path / "data"
+    write_digits_shards(data / "shards" / "digits", num_train=16, num_val=8, samples_per_shard=4)
+    two = ["trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp", "trainer.max_steps=50"]
+    rec = tmp_path / "batches"
+    fault = [
+        "data.batches_per_epoch=100",
+        "+callbacks.fault._target_=tests.fault_injection.SignalAtStep",
+        "+callbacks.fault.step=3",
+        "+callbacks.fault.signal=SIGTERM",
+        "+callbacks.fault.rank=1",  # only rank 1 is signalled
+        "+callbacks.record_batches._target_=src.callbacks.record_batches.RecordBatches",
+        f"+callbacks.record_batches.out_dir={rec}",
+    ]
+    res = _train(tmp_path, data, "one_rank", *two, *fault)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "received a signal on another rank at step 4" in res.stdout + res.stderr
+    steps = [
+        [json.loads(x)["step"] for x in (rec / f"batches_rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert steps[0] == steps[1] == [0, 1, 2, 3]  # both ranks trained the same steps, then stopped
+    ckpts = tmp_path / "train" / "runs" / "one_rank" / "checkpoints"
+    assert _last(tmp_path, "one_rank")["global_step"] == 4  # one complete checkpoint
+    assert not list(ckpts.glob("*.tmp*"))
+    res = _train(tmp_path, data, "one_rank", *two[:3], "ckpt_path=last")  # resumes to step 8
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _last(tmp_path, "one_rank")["global_step"] == 8
