@@ -2,6 +2,7 @@
 
     python src/convert.py reference_dir=PATH/pyramid-flow-miniflux variant=384p   # DiT
     python src/convert.py reference_dir=PATH/pyramid-flow-miniflux part=vae       # VAE
+    python src/convert.py reference_dir=PATH part=module module_experiment=miniflux_384p
 
 Reads every ``*.safetensors`` shard of ``<reference_dir>/diffusion_transformer_<variant>`` (the
 key layout of diffusers' FluxTransformer2DModel), converts it with
@@ -107,10 +108,53 @@ def convert_vae(cfg: DictConfig) -> Path:
     return Path(cfg.vae_out)
 
 
+def convert_module(cfg: DictConfig) -> Path:
+    """``part=module``: a checkpoint ``src/sample.py`` / ``src/eval.py`` load (``ckpt_path=``):
+    the hyperparameters of ``python src/train.py experiment=<experiment>`` and the DiT written
+    by ``part=dit`` (``out``), with no training state. Needs the composed experiment's files
+    (the converted VAE) only when it is loaded."""
+    import lightning
+    from hydra import compose
+    from safetensors.torch import load_file
+
+    overrides = [f"experiment={cfg.module_experiment}", *cfg.get("train_overrides", [])]
+    train_cfg = compose(config_name="train", overrides=overrides)
+    hparams = OmegaConf.to_container(train_cfg.model, resolve=True)
+    hparams = {k: v for k, v in hparams.items() if k not in ("_target_", "_convert_")}
+    if hparams["autoencoder"]["name"] in ("pca",):
+        raise ValueError(
+            f"module_experiment={cfg.module_experiment} uses a data-fitted autoencoder "
+            f"({hparams['autoencoder']['name']}) whose fit is not in the released weights; fix: "
+            "an experiment with the released VAE (experiment=miniflux_384p or miniflux_768p)"
+        )
+    dit = Path(cfg.out)
+    if not dit.is_file():
+        raise FileNotFoundError(
+            f"out={dit} does not exist; fix: convert the DiT first (python src/convert.py "
+            f"reference_dir=... variant={cfg.variant})"
+        )
+    weights = load_file(str(dit))
+    with torch.device("meta"):
+        check_against(weights, PyramidDiT(**hparams["net"]).state_dict())
+    ckpt = {
+        "hyper_parameters": hparams,
+        "state_dict": {f"net.{k}": v for k, v in weights.items()},
+        "global_step": 0,
+        "epoch": 0,
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    out = Path(cfg.module_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out.with_suffix(".tmp"))
+    out.with_suffix(".tmp").replace(out)
+    log.info(f"wrote a sampling checkpoint for experiment={cfg.module_experiment} -> {out}")
+    return out
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="convert.yaml")
 def main(cfg: DictConfig) -> None:
     extras(cfg)
-    parts = {"dit": convert_dit, "vae": convert_vae}
+    parts = {"dit": convert_dit, "vae": convert_vae, "module": convert_module}
     if cfg.part not in parts:
         raise ValueError(f"part={cfg.part!r} is unknown; fix: one of {list(parts)}")
     parts[cfg.part](cfg)

@@ -190,3 +190,41 @@ def test_the_released_layout_maps_exactly_onto_dit_2b():
     converted = flux_to_dit(released, cfg.net.in_channels, cfg.net.patch_size)
     check_against(converted, target)
     assert sum(v.numel() for v in converted.values()) == 1_972_059_200
+
+
+def test_module_checkpoint_from_a_converted_dit_samples_like_any_checkpoint(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from src.convert import convert_module
+    from src.models.checkpoint import load_module
+    from tests.conftest import CONFIG_DIR, compose_train
+
+    # a released-style latent: nothing fitted to data (tiny's PCA settings removed)
+    extra = [
+        "autoencoder=space_to_depth",
+        "~autoencoder.fit_samples",
+        "autoencoder.latent_channels=192",
+    ]
+    net_cfg = OmegaConf.to_container(
+        compose_train(["experiment=tiny", *extra]).model.net, resolve=True
+    )
+    torch.manual_seed(0)
+    dit = PyramidDiT(**net_cfg)
+    for p in dit.parameters():
+        p.data.normal_(0.0, 0.05)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp_path / "d.st"))
+    GlobalHydra.instance().clear()
+    overrides = ["reference_dir=unused", "part=module", "module_experiment=tiny",
+                 "train_overrides=[" + ",".join(f"'{e}'" for e in extra) + "]", f"out={tmp_path / 'd.st'}",
+                 f"module_out={tmp_path / 'm.ckpt'}"]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        out = convert_module(compose("convert.yaml", overrides=overrides))
+        with pytest.raises(ValueError, match="data-fitted autoencoder"):
+            convert_module(compose("convert.yaml", overrides=overrides[:3] + overrides[4:]))
+    module = load_module(out)  # what src/sample.py and src/eval.py do with ckpt_path=
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in module.net.state_dict().items())
+    video = module.generate(["a red digit 3 moving right"], seed=0, steps=[1, 1])
+    assert video.shape == (1, 3, 9, 32, 32) and torch.isfinite(video).all()
