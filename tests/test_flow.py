@@ -1,4 +1,4 @@
-"""Mathematics of the time convention and the pyramid flow path (spec sections 1-3)."""
+"""Mathematics of the time convention and the pyramid flow path (paper §3, Eqs. 9-15)."""
 
 import math
 

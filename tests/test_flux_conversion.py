@@ -217,9 +217,9 @@ def test_module_checkpoint_from_a_converted_dit_samples_like_any_checkpoint(tmp_
         p.data.normal_(0.0, 0.05)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp_path / "d.st"))
     GlobalHydra.instance().clear()
-    overrides = ["reference_dir=unused", "part=module", "module_experiment=tiny",
-                 "train_overrides=[" + ",".join(f"'{e}'" for e in extra) + "]", f"out={tmp_path / 'd.st'}",
-                 f"module_out={tmp_path / 'm.ckpt'}"]  # fmt: skip
+    train_overrides = "train_overrides=[" + ",".join(f"'{e}'" for e in extra) + "]"
+    overrides = ["reference_dir=unused", "part=module", "module_experiment=tiny", train_overrides,
+                 f"out={tmp_path / 'd.st'}", f"module_out={tmp_path / 'm.ckpt'}"]  # fmt: skip
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         out = convert_module(compose("convert.yaml", overrides=overrides))
         with pytest.raises(ValueError, match="data-fitted autoencoder"):

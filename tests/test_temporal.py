@@ -25,7 +25,7 @@ THIRDS = [0.0, 1 / 3, 2 / 3, 1.0]
 
 # ------------------------------------------------------------------------------ history rule
 def test_history_levels_follow_the_paper_rule_for_three_stages():
-    # spec 4.2, K = 3, frame u = 5: stage 2 -> [0..2 @ 1/4, 3 @ 1/2, 4 @ full]
+    # paper §3.3 (Eqs. 16-17), K = 3, frame u = 5: stage 2 -> [0..2 @ 1/4, 3 @ 1/2, 4 @ full]
     assert history_levels(5, 2, 2) == [0, 0, 0, 1, 2]
     assert history_levels(5, 1, 2) == [0, 0, 0, 0, 1]
     assert history_levels(5, 0, 2) == [0] * 5

@@ -1,5 +1,5 @@
 """Blockiness: how much a generated latent looks like 2x2 blocks (the artefact that the
-pyramid's corrective noise removes at stage jumps, spec 3.3).
+pyramid's corrective noise removes at stage jumps, paper §3.2.2, Eqs. 12-15).
 
 At each jump the latent is upsampled 2x: plain nearest upsampling leaves every 2x2 group of
 latent pixels equal, so neighbouring values differ only *across* block boundaries. The metric

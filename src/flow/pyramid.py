@@ -1,7 +1,8 @@
 """Spatial pyramid flow matching: pyramids, coupled stage endpoints, interpolant and loss.
 
-Pure tensor code (spec section 2). Latents are (B, C, T, H, W); pyramid operations act on H and W
-of every frame and leave time alone. Stage 0 is the coarsest (H / 2^(K-1)), stage K-1 full size.
+Pure tensor code (paper Eqs. 9-11; the reference code's `get_pyramid_latent` and
+`add_pyramid_noise`). Latents are (B, C, T, H, W); pyramid operations act on H and W of every
+frame and leave time alone. Stage 0 is the coarsest (H / 2^(K-1)), stage K-1 full size.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def column_plan(
 ) -> list[tuple[int, torch.Tensor]]:
     """(stage, sample indices) per column; sample j goes to column j mod len(columns).
 
-    Each "row" of the packed batch holds one sample of every column (spec section 2.7).
+    Each "row" of the packed batch holds one sample of every column (as in the reference code's
+    `add_pyramid_noise` and the DiT's `merge_input`).
     """
     cols = stage_columns(ratios)
     if batch_size % len(cols) != 0:
@@ -102,7 +104,7 @@ class StageEndpoints:
 
 
 class PyramidPath:
-    """Coupled-noise pyramid flow path (spec sections 2.2 - 2.5).
+    """Coupled-noise pyramid flow path (paper Eqs. 9-11; reference `add_pyramid_noise`).
 
     Stage i moves from S_i = s_i n + (1 - s_i) Up(x^(i-1)) (S_0 = n) to
     E_i = e_i n + (1 - e_i) x^(i) (E_{K-1} = x) with the *same* noise n = n^(i) at both ends

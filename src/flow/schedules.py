@@ -6,7 +6,8 @@ pure noise and generation runs sigma from 1 to 0 (the reference code's and diffu
 Other conventions, converted here and nowhere else:
 - the paper's data-time t = 1 - sigma (t = 0 noise, t = 1 data);
 - the DiT's timestep on a 0..1000 axis, which for a pyramid is *not* 1000 * sigma: the axis is
-  split among the stages in proportion to each stage's flow length (spec section 2.3);
+  split among the stages in proportion to each stage's flow length (the reference scheduler's
+  `init_sigmas_for_each_stage`);
 - a stage's *local ratio* r in [0, 1] (r = 1 at the stage start, r = 0 at its end).
 """
 
@@ -44,7 +45,8 @@ def sample_ratios(
 ) -> torch.Tensor:
     """Uniform local ratios r in {1, 1 - 1/N, ..., 1/N} (N = num_train_timesteps), shape (n,).
 
-    The reference draws idx ~ U{0..N-1} and uses r = 1 - idx / N (spec section 2.6).
+    The reference draws idx ~ U{0..N-1} and uses r = 1 - idx / N (`add_pyramid_noise` with
+    `compute_density_for_timestep_sampling`, weighting_scheme 'random').
     """
     idx = torch.randint(0, num_train_timesteps, (n,), generator=generator)
     return 1.0 - idx.double() / num_train_timesteps
@@ -87,7 +89,8 @@ def build_stage_schedule(
     shift: float = 1.0,
     corrective_noise: bool = True,
 ) -> StageSchedule:
-    """Stage windows, corrected start sigmas and timestep allocation (spec sections 2.3, 3.3).
+    """Stage windows, corrected start sigmas and timestep allocation (the reference scheduler's
+    `init_sigmas_for_each_stage`; paper §3.2.2, Eqs. 12-15, App. A).
 
     `stage_range` has K + 1 increasing entries from 0 to 1 in *generation progress* (fraction of
     the sigma table consumed). Like the reference, stage boundaries index a discrete sigma table

@@ -1,7 +1,7 @@
 """Temporal pyramid: which resolution each history frame has, and how history is built.
 
-Pure tensor code (spec section 4). The unit is one latent frame. When frame u is generated (or
-trained) at pyramid stage i, the frames before it form its history, oldest first:
+Pure tensor code (paper §3.3, Eqs. 16-17). The unit is one latent frame. When frame u is
+generated (or trained) at pyramid stage i, the frames before it form its history, oldest first:
 
     frame u-1 at stage i, frame u-2 at stage i-(c-1), frame u-3 at stage i-2(c-1), ...,
 
@@ -86,8 +86,9 @@ def build_history(
 def corrupt_history(
     history: list[torch.Tensor], sigma: torch.Tensor, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
-    """Training-time history noise (spec 4.3): h <- sigma eps + (1 - sigma) h with fresh eps per
-    chunk and one sigma (B,) per sample shared by all its chunks."""
+    """Training-time history noise (the reference code's `corrupt_ratio` in
+    `add_pyramid_noise_with_temporal_pyramid`): h <- sigma eps + (1 - sigma) h with fresh eps
+    per chunk and one sigma (B,) per sample shared by all its chunks."""
     if not bool((sigma > 0).any()):  # clean history: no draw (keeps the RNG stream)
         return list(history)
     s = sigma.reshape(-1, 1, 1, 1, 1)

@@ -1,17 +1,19 @@
-"""PyramidDiT: one transformer for every pyramid stage (miniFLUX-style, spec section 5.2).
+"""PyramidDiT: one transformer for every pyramid stage (miniFLUX-style, like the reference
+`PyramidFluxTransformer`).
 
 Text and video tokens attend jointly. Double-stream blocks keep separate weights for the two
 streams; single-stream blocks process the concatenation. Segments of different resolution (the
-pyramid stages of a training batch, spec section 2.7) are packed into one sequence per row:
-each segment is [its text tokens | its video tokens], attention is block-diagonal over segments,
-and every segment is modulated (adaLN-Zero) by its own timestep + pooled text.
+pyramid stages of a training batch, as in the reference DiT's `merge_input`) are packed into one
+sequence per row: each segment is [its text tokens | its video tokens], attention is
+block-diagonal over segments, and every segment is modulated (adaLN-Zero) by its own timestep +
+pooled text.
 
-Autoregressive video (spec section 4): a segment may carry clean *history* frames before the
-frame being denoised, each history chunk at its own (coarser) resolution. Its tokens are placed
-on the current stage's grid by RoPE interpolation (spec 5.3), attention inside the segment is
-block-causal over frames, and only the current frame's tokens are returned. With
-`history_timestep="clean"` text and history are modulated with the clean-level timestep, so
-they do not depend on the denoising step and their keys/values can be cached (`KVCache`).
+Autoregressive video (paper §3.3, Eqs. 16-17): a segment may carry clean *history* frames before
+the frame being denoised, each history chunk at its own (coarser) resolution. Its tokens are
+placed on the current stage's grid by RoPE interpolation (paper Fig. 3b), attention inside the
+segment is block-causal over frames, and only the current frame's tokens are returned. With
+`history_timestep="clean"` text and history are modulated with the clean-level timestep, so they
+do not depend on the denoising step and their keys/values can be cached (`KVCache`).
 
 The net knows nothing about noise schedules: it maps (latents, timesteps, text) to a tensor of
 the latents' shape.

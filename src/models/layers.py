@@ -22,7 +22,8 @@ class PackedLayout:
     seg_lengths: token count of each segment (the segments are contiguous, in order).
     key_valid: (B, N) bool, False for padding tokens (e.g. padded text), which no query sees.
     frame_ids: optional (N,) temporal index of every token (text has 0). When given, attention
-    is block-causal over frames: a query of frame a sees keys of frames b <= a (spec 4.4).
+    is block-causal over frames: a query of frame a sees keys of frames b <= a (as in the
+    reference DiT's `merge_input`).
     Attention never crosses segments (block-diagonal); within a segment it is full or causal.
     """
 
@@ -214,8 +215,9 @@ class MLPEmbedder(nn.Module):
 
 def interpolated_grid(size: int, target: int, device=None) -> torch.Tensor:
     """Coordinates of `size` cells on a grid of `target` cells: linear interpolation of
-    arange(target) to length `size` with align_corners=False (spec 5.3), so a coarser history
-    frame's tokens sit between the current stage's integer positions: (size,) float."""
+    arange(target) to length `size` with align_corners=False (the reference DiT's
+    `_prepare_image_ids`; paper Fig. 3b), so a coarser history frame's tokens sit between the
+    current stage's integer positions: (size,) float."""
     idx = torch.arange(size, dtype=torch.float64, device=device)
     return ((idx + 0.5) * target / size - 0.5).clamp(0, target - 1).float()
 

@@ -91,7 +91,8 @@ def packed_autoregressive_loss(
     compression: int,
     history_sigma: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Temporal-pyramid training (spec 4.2 - 4.5): one trainable frame per column.
+    """Temporal-pyramid training, one trainable frame per column (paper §3.3, Eqs. 16-17; the
+    reference code's `add_pyramid_noise_with_temporal_pyramid` and `sample_stage_length`).
 
     positions: (frame of the full-resolution columns, frame of the lower-stage columns), see
     `frame_positions`. Each column denoises its frame at its stage with the clean-latent

@@ -1,4 +1,5 @@
-"""VAEModule: trains the causal video VAE (spec 6.2) as its own Lightning task.
+"""VAEModule: trains the causal video VAE (the reference code's `modeling_loss.py` and
+`train_causal_video_vae.sh`) as its own Lightning task.
 
 ``python src/train.py experiment=vae_digits`` (or ``make vae``). Loss per sample::
 

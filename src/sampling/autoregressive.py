@@ -1,4 +1,5 @@
-"""Autoregressive temporal-pyramid sampler: one latent frame at a time (spec sections 3.6, 4.6).
+"""Autoregressive temporal-pyramid sampler: one latent frame at a time (paper §3.3; the
+reference code's `generate`).
 
 Pure tensor code. Frame u runs all pyramid stages; at every stage its history is the clean
 pyramid of the frames already generated (or given: image-to-video, continuation), at the
@@ -46,9 +47,10 @@ class AutoregressiveSampler:
         generator: Generators = None,
         init_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """noise: full-resolution (B, C, T, H, W) N(0, I), frame u's start is its slice (spec
-        3.1); init_latents: (B, C, n, H, W) clean frames 0..n-1 kept as given (image-to-video
-        with n = 1, continuation with n > 1). Returns (B, C, T, H, W) latents."""
+        """noise: full-resolution (B, C, T, H, W) N(0, I), frame u's start is its slice (as in
+        the reference `generate`); init_latents: (B, C, n, H, W) clean frames 0..n-1 kept as
+        given (image-to-video with n = 1, continuation with n > 1). Returns (B, C, T, H, W)
+        latents."""
         k = self.schedule.num_stages
         frames = [] if init_latents is None else list(init_latents.unbind(2))
         if len(frames) >= noise.shape[2]:

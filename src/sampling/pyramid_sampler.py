@@ -1,9 +1,9 @@
 """Pyramid sampler: per-stage Euler integration joined by corrective upsampling jumps.
 
-Pure tensor code (spec section 3). The velocity function is any callable
-`velocity_fn(z, timestep, stage) -> v` with z at the stage's resolution (B, C, T, h, w) and
-timestep (B,) on the DiT's 0..1000 axis; guidance and conditioning are wrapped into it by the
-caller.
+Pure tensor code (paper §3.2.2, Eqs. 12-15; the reference code's `generate_one_unit` and
+scheduler `step`). The velocity function is any callable `velocity_fn(z, timestep, stage) -> v`
+with z at the stage's resolution (B, C, T, h, w) and timestep (B,) on the DiT's 0..1000 axis;
+guidance and conditioning are wrapped into it by the caller.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ class PyramidSampler:
         """noise: full-resolution (B, C, T, H, W) N(0, I); returns (B, C, T, H, W) latents.
 
         The stage-0 start is 2^(K-1)-fold average-pooled (and rescaled) from this one draw, as
-        in training (spec section 3.1), so a fixed seed fixes the whole trajectory's start.
-        `generator` draws the jump noise; a list of one generator per row makes every row's
-        video independent of the batch it is sampled in.
+        in training (reference `prepare_latents`), so a fixed seed fixes the whole trajectory's
+        start. `generator` draws the jump noise; a list of one generator per row makes every
+        row's video independent of the batch it is sampled in.
         """
         z = noise_pyramid(noise, self.schedule.num_stages)[0]
         for stage in range(self.schedule.num_stages):

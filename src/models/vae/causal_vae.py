@@ -1,13 +1,13 @@
-"""Causal 3-D video VAE (MAGVIT-v2-like continuous KL-VAE; spec section 6).
+"""Causal 3-D video VAE (MAGVIT-v2-like continuous KL-VAE; the reference code's `video_vae`).
 
 * :class:`CausalVAE` -- the trainable network: encoder -> diagonal Gaussian posterior -> decoder.
   Compression ``spatial_factor = patch_size * 2**sum(spatial_down)`` and
   ``temporal_factor = 2**sum(temporal_down)``; videos have ``1 + k * temporal_factor`` frames and
   the first frame is encoded alone, so an image is a one-frame video.
 * :class:`CausalVideoAutoencoder` -- the frozen :class:`LatentAutoencoder` the DiT uses: loads a
-  safetensors export (weights + latent normalisation), normalises latents per the spec (separate
-  shift/scale for the first latent frame and the rest) and optionally encodes/decodes in temporal
-  chunks and spatial tiles.
+  safetensors export (weights + latent normalisation), normalises latents like the reference
+  (separate shift/scale for the first latent frame and the rest) and optionally encodes/decodes
+  in temporal chunks and spatial tiles.
 * :func:`save_vae` / :func:`load_vae` -- the export format (safetensors, no pickle).
 """
 
@@ -385,10 +385,10 @@ NORM_KEYS = ("shift_first", "scale_first", "shift_rest", "scale_rest")
 class CausalVideoAutoencoder(LatentAutoencoder):
     """Frozen :class:`CausalVAE` behind the :class:`LatentAutoencoder` interface.
 
-    Normalisation (spec 6.3): ``z = (raw - shift) * scale`` with one (shift, scale) for the first
-    latent frame (the image) and another for the later frames; per-channel vectors ``(C,)``
-    (the paper uses one number each, broadcast). The statistics are computed from data by
-    ``python -m src.models.vae.latent_stats`` and stored in the export file.
+    Normalisation (reference `get_vae_latent`): ``z = (raw - shift) * scale`` with one (shift,
+    scale) for the first latent frame (the image) and another for the later frames; per-channel
+    vectors ``(C,)`` (the paper uses one number each, broadcast). The statistics are computed
+    from data by ``python -m src.models.vae.latent_stats`` and stored in the export file.
 
     The network is *not* part of this module's ``state_dict()``: it comes from ``checkpoint``,
     and the file's fingerprint is recorded instead, so DiT checkpoints do not carry a copy of a

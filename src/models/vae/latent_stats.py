@@ -1,4 +1,5 @@
-"""Latent normalisation statistics of a causal VAE (spec 6.3), computed from data.
+"""Latent normalisation statistics of a causal VAE (as the reference pipeline's
+`get_vae_latent` / `decode_latent` use them), computed from data.
 
 ``z = (raw - shift) * scale`` with separate statistics for the first latent frame (the image)
 and the later frames. ``shift`` is the mean and ``scale`` the inverse standard deviation of raw
