@@ -96,3 +96,30 @@ def test_base_checkpoint_of_another_net_size_is_one_clear_line(tmp_path):
     deeper = make_net(depth_single=len(base.single_blocks) + 1)
     with pytest.raises(ValueError, match=r"single_blocks\.\d+\.\S+ is missing there"):
         load_base_weights(deeper, path)
+
+
+def test_lora_run_from_a_converted_safetensors_dit(tmp_path, tiny_data_dir):
+    """finetune=lora on a DiT converted by src/convert.py (a .safetensors of our net keys)."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from src.models.dit import PyramidDiT
+    from src.train import train
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path / "x", tiny_data_dir)
+    torch.manual_seed(0)
+    dit = randomize(PyramidDiT(**OmegaConf.to_container(cfg.model.net, resolve=True)))
+    base = tmp_path / "converted.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(base))
+    GlobalHydra.instance().clear()
+    extra = ["finetune=lora", f"finetune.base_ckpt={base}"]
+    train(tiny_cfg(tmp_path / "lora", tiny_data_dir, extra))
+    GlobalHydra.instance().clear()
+    raw = torch.load(tmp_path / "lora" / "checkpoints" / "last.ckpt", weights_only=True)
+    raw = raw["current_model_state"]
+    frozen = {k[4:].replace(".base_layer", ""): v for k, v in raw.items()}
+    frozen = {k: v for k, v in frozen.items() if "lora_" not in k and k in dit.state_dict()}
+    assert len(frozen) == len(dit.state_dict())
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in frozen.items())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in raw.items())
