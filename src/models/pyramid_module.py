@@ -672,15 +672,15 @@ class PyramidFlowModule(L.LightningModule):
             param_groups(self.trainer.model.named_parameters(), o["weight_decay"]),
             lr=o["lr"],
             betas=tuple(o["betas"]),
-            eps=o.get("eps", 1e-8),
+            eps=o["eps"],
         )
         trainer = self.trainer
-        factor = functools.partial(
+        factor = functools.partial(  # every value from model.optim (configs/model/*.yaml)
             lr_factor,
             warmup_steps=o["warmup_steps"],
-            warmup_start_factor=o.get("warmup_start_factor", 0.01),
-            schedule=o.get("schedule", "cosine"),
-            min_lr_ratio=o.get("min_lr_ratio", 0.0),
+            warmup_start_factor=o["warmup_start_factor"],
+            schedule=o["schedule"],
+            min_lr_ratio=o["min_lr_ratio"],
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: factor(step, budget_progress(trainer))
