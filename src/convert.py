@@ -90,13 +90,8 @@ def convert_vae(cfg: DictConfig) -> Path:
     config = OmegaConf.to_container(cfg.vae, resolve=True)
     ours = reference_to_vae(state, config)
     vae = CausalVAE(**config)
-    for key, value in vae.state_dict().items():
-        if key not in ours or ours[key].shape != value.shape:
-            got = tuple(ours[key].shape) if key in ours else "nothing"
-            raise ValueError(
-                f"VAE key {key}: the released weights give {got}, CausalVAE expects "
-                f"{tuple(value.shape)}; fix: vae=pyramid_flow_miniflux (the released layout)"
-            )
+    fix = "vae=pyramid_flow_miniflux (the released layout)"
+    check_against(ours, vae.state_dict(), net="CausalVAE", fix=fix)
     vae.load_state_dict(ours)
     c = vae.latent_channels
     norm = {k: torch.full((c,), v) for k, v in LATENT_NORMALIZATION.items()}

@@ -29,28 +29,25 @@ from src.utils.config_checks import validate_config  # noqa: E402
 log = RankedLogger(__name__)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """None if ``path`` is a complete, readable checkpoint; else why not, in a few words.
+def checkpoint_step(path: Path) -> int:
+    """The global step of a complete, readable checkpoint; ValueError saying why not otherwise.
 
     Reads the pickle and the zip directory (tensors are memory-mapped, not read), or for a
     sharded folder its meta.pt and the .metadata that torch.distributed.checkpoint writes last.
     """
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise ValueError("a sharded folder without .metadata (its save did not finish)")
+        path = path / "meta.pt"
     try:
-        if path.is_dir():
-            if not (path / ".metadata").is_file():
-                return "a sharded folder without .metadata (its save did not finish)"
-            path = path / "meta.pt"
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, bad pickle, unreadable file
-        return f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+        raise ValueError(
+            f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+        ) from None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt:
-        return "no global_step in it (not a training checkpoint)"
-    return None
-
-
-def _global_step(path: Path) -> int:
-    meta = path / "meta.pt" if path.is_dir() else path
-    return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        raise ValueError("no global_step in it (not a training checkpoint)")
+    return int(ckpt["global_step"])
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -67,18 +64,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     folder = Path(cfg.paths.output_dir) / "checkpoints"
     last = folder / "last.ckpt"
     if last.exists():  # a file, or a directory for sharded (FSDP) checkpoints
-        problem = checkpoint_problem(last)
-        if problem is None:
+        try:
+            checkpoint_step(last)
             log.info(f"Resuming from {last}")
             return str(last)
-        log.warning(f"{last} is {problem}: looking for the previous good checkpoint")
+        except ValueError as problem:
+            log.warning(f"{last} is {problem}: looking for the previous good checkpoint")
     others = [folder / "last.ckpt.old", *sorted(folder.glob("step_*.ckpt"))]
     good, damaged = [], [last] if last.exists() else []
     for path in (p for p in others if p.exists()):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            good.append((_global_step(path), path.name.startswith("last"), path))
-        else:
+        try:
+            good.append((checkpoint_step(path), path.name.startswith("last"), path))
+        except ValueError as problem:
             damaged.append(path)
             log.warning(f"{path} is {problem}: skipped")
     if good:

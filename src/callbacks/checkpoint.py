@@ -31,8 +31,8 @@ class StepCheckpoint(ModelCheckpoint):
             )
         self.keep_last = keep_last
 
-    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
         if self.keep_last is None or not trainer.is_global_zero or self.dirpath is None:
             return
         steps = sorted(Path(self.dirpath).glob("step_*.ckpt"))  # zero-padded: by step

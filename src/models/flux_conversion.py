@@ -163,23 +163,22 @@ def flux_to_dit(state: dict[str, Tensor], channels: int, patch_size: int) -> dic
     return out
 
 
-def check_against(converted: dict[str, Tensor], target: dict[str, Tensor]) -> None:
+DIT_FIX = "a net config matching the checkpoint (model/net=dit_2b, patch_size 2, 16 channels)"
+
+
+def check_against(
+    converted: dict[str, Tensor], target: dict[str, Tensor], net: str = "PyramidDiT",
+    fix: str = DIT_FIX,
+) -> None:  # fmt: skip
     """One line naming the first key that is missing, unexpected or of another shape."""
     for key, value in target.items():
         if key not in converted:
-            raise KeyError(
-                f"PyramidDiT key {key} has no source in the released weights; fix: a net "
-                "config matching the checkpoint (model/net=dit_2b for the released DiT)"
-            )
+            raise KeyError(f"{net} key {key} has no source in the released weights; fix: {fix}")
         if tuple(converted[key].shape) != tuple(value.shape):
             raise ValueError(
-                f"key {key}: released shape {tuple(converted[key].shape)} != PyramidDiT shape "
-                f"{tuple(value.shape)}; fix: a net config matching the checkpoint "
-                "(model/net=dit_2b, patch_size 2, 16 latent channels)"
+                f"key {key}: released shape {tuple(converted[key].shape)} != {net} shape "
+                f"{tuple(value.shape)}; fix: {fix}"
             )
     extra = sorted(set(converted) - set(target))
     if extra:
-        raise KeyError(
-            f"converted key {extra[0]} does not exist in PyramidDiT; fix: a net config with "
-            "as many blocks as the checkpoint"
-        )
+        raise KeyError(f"converted key {extra[0]} does not exist in {net}; fix: {fix}")

@@ -44,6 +44,21 @@ def _mid(ref: str, ours: str, attention: bool) -> Iterator[tuple[str, str, str]]
     yield from ((f"{ref}resnets.1.{a}", f"{ours}{last}.{b}", "copy") for a, b in _RESNET)
 
 
+def _resamplers(
+    ref: str, ours: str, spatial: bool, temporal: bool, direction: str, time_kind: str
+) -> list[tuple[str, str, str]]:
+    """A level's spatial and temporal resampling convs: the released block's
+    ``{direction}samplers`` / ``temporal_{direction}samplers`` -> our ``.spatial`` /
+    ``.temporal``."""
+    plan = []
+    if spatial:
+        plan.append((f"{ref}{direction}samplers.0.conv.conv.", f"{ours}spatial.conv.", "copy"))
+    if temporal:
+        plan.append((f"{ref}temporal_{direction}samplers.0.conv.conv.", f"{ours}temporal.conv.",
+                     time_kind))  # fmt: skip
+    return plan
+
+
 def key_plan(config: dict) -> list[tuple[str, str, str]]:
     """(released prefix, our prefix, transform) for every parameter group of ``config``."""
     levels = len(config["channel_mult"])
@@ -55,12 +70,8 @@ def key_plan(config: dict) -> list[tuple[str, str, str]]:
         for j in range(n_res):
             ref, ours = f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.blocks.{i}.{j}."
             plan += [(ref + a, ours + b, "copy") for a, b in _RESNET]
-        if sd[i]:
-            plan.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.conv.",
-                         f"encoder.blocks.{i}.{n_res}.spatial.conv.", "copy"))  # fmt: skip
-        if td[i]:
-            plan.append((f"encoder.down_blocks.{i}.temporal_downsamplers.0.conv.conv.",
-                         f"encoder.blocks.{i}.{n_res}.temporal.conv.", "copy"))  # fmt: skip
+        plan += _resamplers(f"encoder.down_blocks.{i}.", f"encoder.blocks.{i}.{n_res}.",
+                            sd[i], td[i], "down", "copy")  # fmt: skip
     plan += list(_mid("encoder.mid_block.", "encoder.mid.", attention))
     plan += [("encoder.conv_norm_out.", "encoder.norm_out.", "copy"),
              ("encoder.conv_out.conv.", "encoder.conv_out.conv.", "copy"),
@@ -74,12 +85,8 @@ def key_plan(config: dict) -> list[tuple[str, str, str]]:
             plan += [(ref + a, ours + b, "copy") for a, b in _RESNET]
         if u + 1 < levels and ups[u + 1]:
             level = levels - 2 - u
-            if sd[level]:
-                plan.append((f"decoder.up_blocks.{u}.upsamplers.0.conv.conv.",
-                             f"decoder.blocks.{u + 1}.0.spatial.conv.", "copy"))  # fmt: skip
-            if td[level]:
-                plan.append((f"decoder.up_blocks.{u}.temporal_upsamplers.0.conv.conv.",
-                             f"decoder.blocks.{u + 1}.0.temporal.conv.", "time_up"))  # fmt: skip
+            plan += _resamplers(f"decoder.up_blocks.{u}.", f"decoder.blocks.{u + 1}.0.",
+                                sd[level], td[level], "up", "time_up")  # fmt: skip
     plan += [("decoder.conv_norm_out.", "decoder.norm_out.", "copy"),
              ("decoder.conv_out.conv.", "decoder.conv_out.conv.", "copy")]  # fmt: skip
     if config.get("quant_conv", False):
