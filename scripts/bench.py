@@ -27,18 +27,15 @@ from pathlib import Path
 import torch
 from gpu_step import compose, matmul_peak, run_variant  # scripts/ (sys.path[0])
 
+from src.data.text_features import TextFeatures
+from src.flow.losses import packed_autoregressive_loss, packed_pyramid_loss
 from src.flow.pyramid import PyramidPath, block_noise, column_plan
 from src.flow.schedules import build_stage_schedule, sample_ratios
 from src.flow.temporal import frame_positions
 from src.models.dit import PyramidDiT
-from src.models.pyramid_module import (
-    frame_velocity_factory,
-    packed_autoregressive_loss,
-    packed_pyramid_loss,
-)
-from src.models.registry import DIT_PRESETS
-from src.models.text_encoders import TextFeatures
-from src.models.vae.causal_vae import CausalVideoAutoencoder
+from src.models.generation import frame_velocity_factory
+from src.models.registry import dit_preset
+from src.models.vae.frozen import CausalVideoAutoencoder
 from src.sampling.autoregressive import AutoregressiveSampler
 from src.sampling.pyramid_sampler import PyramidSampler
 from src.utils.flops import (
@@ -71,7 +68,7 @@ class Setup:
         self.schedule = build_stage_schedule(stage_range)
         self.path = PyramidPath(self.schedule)
         c, t, h, w = args.latent
-        self.net_cfg = dict(DIT_PRESETS[args.net], in_channels=c, text_dim=384, pooled_dim=384)
+        self.net_cfg = dict(dit_preset(args.net), in_channels=c, text_dim=384, pooled_dim=384)
         self.net = PyramidDiT(**self.net_cfg)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
         self.lat = torch.randn(args.batch, c, t, h, w)

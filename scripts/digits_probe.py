@@ -38,8 +38,8 @@ from hydra.utils import instantiate  # noqa: E402
 from src.data.digits import iter_specs, random_caption, render_video  # noqa: E402
 from src.eval.digits_bench import score_videos  # noqa: E402
 from src.eval.run import digits_prompts  # noqa: E402
+from src.flow.losses import packed_pyramid_loss  # noqa: E402
 from src.flow.schedules import sample_ratios  # noqa: E402
-from src.models.pyramid_module import packed_pyramid_loss  # noqa: E402
 from src.utils.optim import lr_factor, param_groups  # noqa: E402
 
 PROBE_KEYS = {

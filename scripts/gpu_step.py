@@ -26,14 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.flow.losses import packed_autoregressive_loss, packed_pyramid_loss  # noqa: E402
 from src.flow.pyramid import PyramidPath, stage_columns  # noqa: E402
 from src.flow.schedules import build_stage_schedule, sample_ratios  # noqa: E402
 from src.flow.temporal import frame_positions  # noqa: E402
 from src.models.dit import PyramidDiT  # noqa: E402
-from src.models.pyramid_module import (  # noqa: E402
-    packed_autoregressive_loss,
-    packed_pyramid_loss,
-)
 from src.utils.flops import (  # noqa: E402
     autoregressive_tokens_per_column,
     dit_forward_flops,

@@ -19,7 +19,7 @@ import torch
 
 from src.data.webvideo_datamodule import WebVideoDataModule
 from src.eval.digits_metrics import centroids, score_video
-from src.models.vae.causal_vae import CausalVideoAutoencoder
+from src.models.vae.frozen import CausalVideoAutoencoder
 from src.utils.visualize import save_frame_strip, to_uint8_frames
 
 

@@ -25,9 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 
 rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
 
-from src.data.video_io import read_video, write_mp4  # noqa: E402
-from src.models.checkpoint import load_module, sha256_file  # noqa: E402
+from src.data.video_io import read_video  # noqa: E402
+from src.models import generation  # noqa: E402
+from src.models.checkpoint import load_module  # noqa: E402
 from src.utils import RankedLogger  # noqa: E402
+from src.utils.checkpoint_io import sha256_file  # noqa: E402
 from src.utils.visualize import save_frame_strip  # noqa: E402
 
 log = RankedLogger(__name__)
@@ -76,73 +78,56 @@ def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg.prompts_file)
     module = load_module(cfg.ckpt_path, cfg.device)
     sha = sha256_file(cfg.ckpt_path)
-    hp = module.hparams
-    steps = list(cfg.steps) if cfg.steps is not None else list(hp.sampling["steps"])
-    w = cfg.guidance_scale if cfg.guidance_scale is not None else hp.sampling["guidance_scale"]
-    neg = (
-        cfg.negative_prompt if cfg.negative_prompt is not None else hp.sampling["negative_prompt"]
-    )
     init, init_path = read_init(cfg)
-    extra = {
-        "num_frames": cfg.get("num_frames"),
-        "init_video": init,
-        "video_steps": cfg.get("video_steps"),
-        "video_guidance_scale": cfg.get("video_guidance_scale"),
-        "kv_cache": cfg.get("kv_cache"),
+    given = {
+        k: (list(v) if k.endswith("steps") and v is not None else v)
+        for k in (
+            "steps",
+            "guidance_scale",
+            "negative_prompt",
+            "video_steps",
+            "video_guidance_scale",
+            "kv_cache",
+        )  # fmt: skip
+        if (v := cfg.get(k)) is not None
     }
-    if extra["video_steps"] is not None:
-        extra["video_steps"] = list(extra["video_steps"])
-    ar = module.autoregressive
-    smp = hp.sampling
+    settings = generation.resolve_settings(module.hparams.sampling, module.autoregressive, **given)
+    fps = module.hparams.video["fps"]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, strips = [], []
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
-        # seed of prompt i is seed + i: the same video whatever the batch size
-        videos = module.generate(
-            chunk,
-            seed=cfg.seed + start,
-            steps=steps,
-            guidance_scale=w,
-            negative_prompt=neg,
-            **extra,
-        )
-        strips.append(videos[:, :, :])
-        for j, (prompt, video) in enumerate(zip(chunk, videos)):
-            i = start + j
-            write_mp4(out / f"{i:04d}.mp4", video, fps=hp.video["fps"])
-            records.append(
-                {
-                    "file": f"{i:04d}.mp4",
-                    "prompt": prompt,
-                    "seed": cfg.seed + i,
-                    "steps_per_stage": steps,
-                    "guidance_scale": w,
-                    "negative_prompt": neg,
-                    "frames": int(video.shape[1]),
-                    "height": int(video.shape[2]),
-                    "width": int(video.shape[3]),
-                    "fps": hp.video["fps"],
-                    "ckpt_path": str(cfg.ckpt_path),
-                    "ckpt_sha256": sha,
-                    "temporal": dict(module.temporal),
-                }
-            )
-            if ar:
-                vs = extra["video_steps"] or list(smp.get("video_steps", steps))
-                vg = extra["video_guidance_scale"]
-                records[-1].update(
-                    video_steps_per_stage=vs,
-                    video_guidance_scale=smp.get("video_guidance_scale", w) if vg is None else vg,
-                    kv_cache=bool(
-                        smp.get("kv_cache", False)
-                        if extra["kv_cache"] is None
-                        else extra["kv_cache"]
-                    ),
+    batches = generation.generate_batches(
+        module, prompts, cfg.seed, cfg.batch_size, num_frames=cfg.get("num_frames"),
+        init_video=init, **given,
+    )  # fmt: skip
+    for start, chunk, _, videos in batches:
+        strips.append(videos)
+        names = generation.write_videos(out, videos, start, fps)
+        for j, (name, prompt, video) in enumerate(zip(names, chunk, videos)):
+            record = {
+                "file": name,
+                "prompt": prompt,
+                "seed": cfg.seed + start + j,
+                "steps_per_stage": settings["steps"],
+                "guidance_scale": settings["guidance_scale"],
+                "negative_prompt": settings["negative_prompt"],
+                "frames": int(video.shape[1]),
+                "height": int(video.shape[2]),
+                "width": int(video.shape[3]),
+                "fps": fps,
+                "ckpt_path": str(cfg.ckpt_path),
+                "ckpt_sha256": sha,
+                "temporal": dict(module.temporal),
+            }
+            if module.autoregressive:
+                record.update(
+                    video_steps_per_stage=settings["video_steps"],
+                    video_guidance_scale=settings["video_guidance_scale"],
+                    kv_cache=settings["kv_cache"],
                     init=init_path,
                     init_frames=0 if init is None else int(init.shape[2]),
                 )
+            records.append(record)
     with open(out / "samples.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

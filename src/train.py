@@ -24,7 +24,7 @@ from src.utils import (  # noqa: E402
     instantiate_loggers,
     task_wrapper,
 )
-from src.utils.config_checks import validate_config  # noqa: E402
+from src.utils.config_checks import config_notices, validate_config  # noqa: E402
 
 log = RankedLogger(__name__)
 
@@ -99,6 +99,8 @@ def train(cfg: DictConfig) -> dict:
 
         return report(cfg)
     validate_config(cfg)
+    for notice in config_notices(cfg):
+        log.warning(notice)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 

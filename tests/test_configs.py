@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from src.models.registry import DIT_PRESETS
+from src.models.registry import dit_preset
 from src.utils.config_checks import ConfigError, config_problems, validate_config
 from tests.conftest import CONFIG_DIR, compose_train
 
@@ -78,10 +77,10 @@ def test_more_stages_need_larger_videos_and_say_so():
     assert config_problems(compose_train(["pyramid=stages_3", "video.height=32"])) == []
 
 
-def test_net_presets_mirror_the_registry():
-    for name, preset in DIT_PRESETS.items():
-        yml = yaml.safe_load((Path(CONFIG_DIR) / "model" / "net" / f"{name}.yaml").read_text())
-        assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in yml.items()} == preset
+def test_net_presets_are_read_from_their_config_files():
+    assert dit_preset("dit_s")["rope_axes"] == (16, 16, 16)  # YAML lists become tuples
+    with pytest.raises(ValueError, match="DiT preset 'dit_xl' is unknown; fix: one of"):
+        dit_preset("dit_xl")
 
 
 BAD = [
@@ -137,3 +136,11 @@ def test_multirun_sweeps_refuse_relaunching_ddp_and_accept_ddp_spawn():
         HydraConfig().set_config(cfg)
         problems = config_problems(cfg)
         assert any("strategy=ddp_spawn for sweeps" in p for p in problems) == bad
+
+
+def test_fsdp_turning_ema_off_is_said_at_start_up():
+    from src.utils.config_checks import config_notices
+
+    assert config_notices(compose_train([])) == []  # the CPU demo keeps its EMA
+    sharded = config_notices(compose_train(["strategy=fsdp_full"]))
+    assert len(sharded) == 1 and sharded[0].startswith("EMA is off: strategy=fsdp_*")

@@ -12,14 +12,14 @@ from src.models.layers import (
     rope_angles,
     unpatchify,
 )
-from src.models.registry import DIT_PRESETS, count_parameters
+from src.models.registry import count_parameters, dit_preset
 
 C, TXT = 4, 16
 
 
 def make_net(**kw):
     torch.manual_seed(0)
-    args = dict(in_channels=C, text_dim=TXT, pooled_dim=TXT, **DIT_PRESETS["dit_tiny"])
+    args = dict(in_channels=C, text_dim=TXT, pooled_dim=TXT, **dit_preset("dit_tiny"))
     args.update(kw)
     return PyramidDiT(**args)
 
@@ -140,11 +140,11 @@ def test_attention_rejects_unknown_backend_and_bad_rope():
 
 
 def test_parameter_count_formula_matches_the_module():
-    net = make_net(**DIT_PRESETS["dit_s"])
+    net = make_net(**dit_preset("dit_s"))
     blocks = sum(p.numel() for n, p in net.named_parameters() if "blocks" in n and p.ndim == 2)
-    cfg = DIT_PRESETS["dit_s"]
+    cfg = dit_preset("dit_s")
     assert blocks == count_parameters(**cfg)
-    big = count_parameters(**DIT_PRESETS["dit_2b"])
+    big = count_parameters(**dit_preset("dit_2b"))
     assert 1.8e9 < big < 2.1e9  # the paper's ~2B miniFLUX
 
 
@@ -153,7 +153,7 @@ def test_analytic_flops_match_torch_flop_counter():
 
     from src.utils.flops import dit_forward_flops
 
-    cfg = dict(DIT_PRESETS["dit_tiny"], hidden_size=64, num_heads=2, rope_axes=(8, 12, 12))
+    cfg = dict(dit_preset("dit_tiny"), hidden_size=64, num_heads=2, rope_axes=(8, 12, 12))
     net = make_net(**cfg).eval()
     xs = [torch.randn(1, C, 2, 4, 4), torch.randn(1, C, 2, 8, 8)]
     ctx, mask, pooled = text(1, length=6, valid=6)
@@ -162,3 +162,28 @@ def test_analytic_flops_match_torch_flop_counter():
     predicted = dit_forward_flops([8, 32], 6, in_features=C * 4, text_dim=TXT, **cfg)
     measured = counter.get_total_flops()
     assert abs(predicted - measured) / measured < 0.1, (predicted, measured)
+
+
+def test_attention_text_pool_reads_valid_tokens_only_and_starts_as_a_no_op():
+    """text_pool=attention: masked tokens never reach the output, a valid token does through
+    the pool even with the joint attention's text stream removed, and the zero-initialised
+    output projection leaves a fresh network's function equal to text_pool=none's."""
+    x, t = torch.randn(2, C, 2, 8, 8), torch.tensor([10.0, 900.0])
+    ctx, mask, pooled = text(2, length=5, valid=3)
+    plain, pool = make_net(), make_net(text_pool="attention")
+    pool.load_state_dict(plain.state_dict(), strict=False)
+    randomize(plain)
+    pool.load_state_dict(plain.state_dict(), strict=False)  # same weights, pool out still zero
+    assert torch.allclose(pool(x, t, ctx, mask, pooled), plain(x, t, ctx, mask, pooled))
+    randomize(pool)
+    base = pool(x, t, ctx, mask, pooled)
+    junk = ctx.clone()
+    junk[:, 3:] = torch.randn(2, 2, TXT) * 10  # padding tokens
+    assert torch.allclose(pool(x, t, junk, mask, pooled), base, atol=1e-5)
+    c = pool.text_pool(ctx, mask)
+    moved = ctx.clone()
+    moved[:, 1] += 1.0  # a valid token
+    assert (pool.text_pool(moved, mask) - c).abs().max() > 1e-3
+    assert pool.text_pool(ctx[:, :3], mask[:, :3]).allclose(c, atol=1e-6)  # padding-free
+    with pytest.raises(ValueError, match="model.net.text_pool='mean' is unknown"):
+        make_net(text_pool="mean")

@@ -12,6 +12,7 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from src.data.text_features import TextFeatures  # noqa: E402
 from src.models.autoencoders import (  # noqa: E402
     PCAAutoencoder,
     SpaceToDepthAutoencoder,
@@ -22,7 +23,6 @@ from src.models.autoencoders import (  # noqa: E402
 from src.models.text_encoders import (  # noqa: E402
     HashTextEncoder,
     MiniLMTextEncoder,
-    TextFeatures,
     build_text_encoder,
 )
 

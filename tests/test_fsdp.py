@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from src.flow.losses import packed_pyramid_loss
 from src.flow.pyramid import PyramidPath
 from src.flow.schedules import build_stage_schedule
-from src.models.pyramid_module import packed_pyramid_loss
 from tests.test_dit import C, make_net, text
 
 STEPS, BATCH = 3, 8

@@ -26,8 +26,9 @@ VARIANTS = {  # name: (train.yaml overrides, generate_latents kwargs)
     "t2v_unguided": ([], dict(seed=5, steps=[2, 2], guidance_scale=0.0)),
     "ar": (
         ["temporal=autoregressive"],
-        dict(seed=7, steps=[2, 2], video_steps=[2, 3], guidance_scale=3.0,
-             video_guidance_scale=1.5),
+        dict(
+            seed=7, steps=[2, 2], video_steps=[2, 3], guidance_scale=3.0, video_guidance_scale=1.5
+        ),
     ),  # fmt: skip
     "ar_i2v": (["temporal=autoregressive"], dict(seed=9, steps=[2, 2], init="image")),
     "ar_continue": (["temporal=autoregressive"], dict(seed=11, steps=[2, 2], init="clip")),

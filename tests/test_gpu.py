@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.models.dit import PyramidDiT
-from src.models.registry import DIT_PRESETS
+from src.models.registry import dit_preset
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,7 +16,7 @@ pytestmark = [
 
 def _net():
     torch.manual_seed(0)
-    net = PyramidDiT(in_channels=16, text_dim=64, pooled_dim=64, **DIT_PRESETS["dit_tiny"])
+    net = PyramidDiT(in_channels=16, text_dim=64, pooled_dim=64, **dit_preset("dit_tiny"))
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.models.dit import PyramidDiT
-from src.models.registry import DIT_PRESETS
+from src.models.registry import dit_preset
 from src.utils.preflight import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_step_flops_average_to_the_estimators_flops_per_sample():
 
 
 def test_compile_regions_refuses_flex():
-    net = PyramidDiT(in_channels=4, attn_backend="flex", **DIT_PRESETS["dit_tiny"])
+    net = PyramidDiT(in_channels=4, attn_backend="flex", **dit_preset("dit_tiny"))
     with pytest.raises(ValueError, match="compile_blocks=true cannot be combined"):
         net.compile_regions()
 
@@ -48,7 +48,7 @@ def test_compile_regions_refuses_flex():
 @pytest.mark.slow
 def test_regional_compilation_matches_eager_forward_and_backward():
     torch.manual_seed(0)
-    kw = dict(in_channels=4, text_dim=16, pooled_dim=16, **DIT_PRESETS["dit_tiny"])
+    kw = dict(in_channels=4, text_dim=16, pooled_dim=16, **dit_preset("dit_tiny"))
     eager, compiled = PyramidDiT(**kw), PyramidDiT(**kw, compile_blocks=True)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_regions()

@@ -412,7 +412,7 @@ def test_training_from_latents_and_from_videos_gives_the_same_loss(extracted, vi
     module = PyramidFlowModule(**kwargs)
     module.configure_model()
     assert not module.autoencoder.is_fitted
-    module._adopt_latent_dataset(dm)  # restores the fitted PCA and the null text
+    module.adopt_latent_dataset(dm)  # restores the fitted PCA and the null text
     assert (
         module.autoencoder.describe()["fingerprint"] == dm.manifest["autoencoder"]["fingerprint"]
     )
@@ -447,7 +447,7 @@ def test_training_from_latents_and_from_videos_gives_the_same_loss(extracted, vi
         manifest=dict(dm.manifest, autoencoder=other), null_text=None, autoencoder_state=None
     )
     with pytest.raises(ValueError, match="re-extract"):
-        module._adopt_latent_dataset(foreign)
+        module.adopt_latent_dataset(foreign)
 
 
 def test_train_entry_point_runs_on_latent_shards(extracted, tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from src.flow.losses import packed_autoregressive_loss, packed_pyramid_loss
 from src.flow.pyramid import PyramidPath, data_pyramid
 from src.flow.schedules import build_stage_schedule
 from src.flow.temporal import (
@@ -16,7 +17,6 @@ from src.flow.temporal import (
     sequence_tokens,
 )
 from src.models.layers import interpolated_grid
-from src.models.pyramid_module import packed_autoregressive_loss, packed_pyramid_loss
 from src.sampling.autoregressive import AutoregressiveSampler
 from tests.test_dit import C, make_net, randomize, text
 

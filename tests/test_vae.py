@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from src.models.autoencoders import build_autoencoder
-from src.models.vae.causal_vae import (
-    CausalVAE,
-    CausalVideoAutoencoder,
-    load_vae,
-    save_vae,
-    tiled_map,
-)
+from src.models.vae.causal_vae import CausalVAE, load_vae, save_vae, tiled_map
+from src.models.vae.frozen import CausalVideoAutoencoder
 from src.models.vae.latent_stats import latent_statistics
 from src.models.vae.layers import CausalConv3d, streaming
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.models.vae.causal_vae import CausalVAE, CausalVideoAutoencoder, load_vae
+from src.models.vae.causal_vae import CausalVAE, load_vae
+from src.models.vae.frozen import CausalVideoAutoencoder
 from src.models.vae.layers import FrameAttention, Upsample
 from src.models.vae.released import (
     LATENT_NORMALIZATION,

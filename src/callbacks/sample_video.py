@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from src.callbacks.ema import EMA
-from src.data.video_io import write_mp4
+from src.models import generation
 from src.utils.visualize import save_frame_strip
 
 
@@ -76,10 +76,7 @@ class SampleVideo(L.Callback):
             lg.log_metrics(block, step=trainer.global_step)
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:08d}"
         out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, v in enumerate(videos):
-            paths.append(out / f"{i:02d}.mp4")
-            write_mp4(paths[-1], v, fps=self.fps)
+        paths = [out / name for name in generation.write_videos(out, videos, 0, self.fps, 2)]
         save_frame_strip(videos, out / "strip.png")
         if self.digits_metrics:
             from src.data.video_io import to_uint8_frames

@@ -29,8 +29,8 @@ from src.data.latent_shards import (
 )
 from src.data.pipeline import Batcher
 from src.data.shards import shard_files
+from src.data.text_features import TextFeatures
 from src.data.webvideo_datamodule import ShardStreamDataModule
-from src.models.text_encoders import TextFeatures
 
 # manifest fields that train and val must share: same latent space, same text features
 _SHARED = ("latent_channels", "autoencoder", "text_encoder")

@@ -34,9 +34,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from src.data.video_io import read_mp4, write_mp4
+from src.data.video_io import read_mp4
 from src.eval.blockiness import blockiness
-from src.models.checkpoint import load_module, sha256_file
+from src.models import generation
+from src.models.checkpoint import load_module
+from src.utils.checkpoint_io import sha256_file
 from src.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
@@ -74,21 +76,16 @@ def digits_prompts(num: int, seed: int) -> tuple[list[str], list]:
 def generate_suite(module, prompts: list[str], cfg: DictConfig, out: Path) -> list[dict]:
     """Write 0000.mp4 ... for the prompts (seed + i each), return the per-video records."""
     records = []
-    fps = module.hparams.video["fps"]
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
-        latents = module.generate_latents(
-            chunk,
-            seed=cfg.seed + start,
-            steps=list(cfg.steps) if cfg.steps is not None else None,
-            guidance_scale=cfg.guidance_scale,
-        )
-        videos = module.decode_latents(latents)  # latents kept for the blockiness score
-        # (B,) latent-block artefacts of the stage jumps (corrective-noise ablation): 2x2, 4x4
+    batches = generation.generate_batches(
+        module, prompts, cfg.seed, cfg.batch_size,
+        steps=list(cfg.steps) if cfg.steps is not None else None,
+        guidance_scale=cfg.guidance_scale,
+    )  # fmt: skip
+    for start, chunk, latents, videos in batches:
+        # latent-block artefacts of the stage jumps (corrective-noise ablation): 2x2, 4x4
         blocks, blocks4 = blockiness(latents, 2), blockiness(latents, 4)
-        for j, (prompt, video) in enumerate(zip(chunk, videos)):
-            name = f"{start + j:04d}.mp4"
-            write_mp4(out / name, video, fps=fps)
+        names = generation.write_videos(out, videos, start, module.hparams.video["fps"])
+        for j, (name, prompt) in enumerate(zip(names, chunk)):
             records.append(
                 {
                     "file": name,

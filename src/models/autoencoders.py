@@ -473,7 +473,7 @@ class PCAAutoencoder(LatentAutoencoder):
 AUTOENCODERS: dict[str, type[LatentAutoencoder] | str] = {
     "space_to_depth": SpaceToDepthAutoencoder,
     "pca": PCAAutoencoder,
-    "causal_vae": "src.models.vae.causal_vae:CausalVideoAutoencoder",
+    "causal_vae": "src.models.vae.frozen:CausalVideoAutoencoder",
     "diffusers": "src.models.diffusers_vae:DiffusersVideoAutoencoder",
 }
 

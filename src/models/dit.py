@@ -30,6 +30,7 @@ from src.models.layers import (
     MLPEmbedder,
     PackedLayout,
     RMSNorm,
+    TokenAttentionPool,
     apply_rope,
     attention,
     interpolated_grid,
@@ -40,6 +41,7 @@ from src.models.layers import (
 )
 
 HISTORY_TIMESTEPS = ("current", "clean")
+TEXT_POOLS = ("none", "attention")  # how text reaches the adaLN vector besides `pooled`
 
 
 class KVCache:
@@ -187,6 +189,7 @@ class PyramidDiT(nn.Module):
         grad_checkpointing: float = 0.0,
         history_timestep: str = "current",
         compile_blocks: bool = False,
+        text_pool: str = "none",
     ):
         super().__init__()
         head_dim = hidden_size // num_heads
@@ -209,6 +212,16 @@ class PyramidDiT(nn.Module):
         self.context_embedder = nn.Linear(text_dim, hidden_size)
         self.time_embedder = MLPEmbedder(256, hidden_size)
         self.pooled_embedder = MLPEmbedder(pooled_dim, hidden_size)
+        if text_pool not in TEXT_POOLS:
+            raise ValueError(
+                f"model.net.text_pool={text_pool!r} is unknown; fix: one of {list(TEXT_POOLS)}"
+            )
+        # "attention": the token features also reach the adaLN vector (a learned pool)
+        self.text_pool = (
+            TokenAttentionPool(text_dim, hidden_size, num_heads)
+            if text_pool == "attention"
+            else None
+        )
         self.double_blocks = nn.ModuleList(
             PyramidDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth_double)
         )
@@ -231,6 +244,7 @@ class PyramidDiT(nn.Module):
                 nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.context_embedder.weight, std=0.02)
         zeroed = [self.final_mod, self.final_linear]
+        zeroed += [self.text_pool.out] if self.text_pool is not None else []
         zeroed += [b.img_mod for b in self.double_blocks] + [b.txt_mod for b in self.double_blocks]
         zeroed += [b.mod for b in self.single_blocks]
         for lin in zeroed:
@@ -319,7 +333,9 @@ class PyramidDiT(nn.Module):
             zip(xs, timesteps, contexts, context_masks, pooled, histories)
         ):
             b, hh, ww = x.shape[0], x.shape[3] // p, x.shape[4] // p  # current token grid
-            c_pool = self.pooled_embedder(pl)
+            c_pool = self.pooled_embedder(pl)  # (B, D)
+            if self.text_pool is not None:
+                c_pool = c_pool + self.text_pool(ctx, cm)
             c_cur.append(self.time_embedder(timestep_embedding(t)) + c_pool)
             if self.history_timestep == "clean":
                 c_pre.append(self.time_embedder(timestep_embedding(torch.zeros_like(t))) + c_pool)

@@ -213,6 +213,34 @@ class MLPEmbedder(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
+class TokenAttentionPool(nn.Module):
+    """Masked attention pooling of text token features into one conditioning vector (the
+    attention pooling of T5 tokens added to the timestep embedding in Hunyuan-DiT, Li et al.
+    2024, §2.2). One learned query per head over the valid tokens; the output projection is
+    zero-initialised, so adding the pool leaves an initialised network's function unchanged.
+    """
+
+    def __init__(self, text_dim: int, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"text pooling width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(heads, dim // heads) * 0.02)
+        self.key = nn.Linear(text_dim, dim)
+        self.value = nn.Linear(text_dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, Dt), mask (B, L) bool (at least one True per row) -> (B, D)."""
+        b, length, _ = tokens.shape
+        k = self.key(tokens).view(b, length, self.heads, -1)  # (B, L, h, d)
+        v = self.value(tokens).view(b, length, self.heads, -1)
+        logits = torch.einsum("blhd,hd->bhl", k, self.query) / k.shape[-1] ** 0.5  # (B, h, L)
+        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+        pooled = torch.einsum("bhl,blhd->bhd", logits.softmax(-1), v)  # (B, h, d)
+        return self.out(pooled.reshape(b, -1))
+
+
 def interpolated_grid(size: int, target: int, device=None) -> torch.Tensor:
     """Coordinates of `size` cells on a grid of `target` cells: linear interpolation of
     arange(target) to length `size` with align_corners=False (the reference DiT's

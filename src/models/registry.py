@@ -1,24 +1,23 @@
-"""DiT size presets, mirrored by configs/model/net/*.yaml (plain kwargs of PyramidDiT)."""
+"""DiT size presets: read from their one home, configs/model/net/<name>.yaml (plain kwargs of
+PyramidDiT), for scripts and tests that build a DiT without composing a Hydra config."""
 
 from __future__ import annotations
 
-DIT_PRESETS: dict[str, dict] = {
-    # unit tests: a few thousand parameters' worth of everything
-    "dit_tiny": dict(
-        hidden_size=32, num_heads=2, depth_double=1, depth_single=1, rope_axes=(4, 6, 6)
-    ),
-    # the CPU demo on the digits world
-    "dit_s": dict(
-        hidden_size=192, num_heads=4, depth_double=2, depth_single=4, rope_axes=(16, 16, 16)
-    ),
-    "dit_b": dict(
-        hidden_size=768, num_heads=12, depth_double=4, depth_single=8, rope_axes=(16, 24, 24)
-    ),
-    # the paper's miniFLUX: 8 double + 16 single blocks, width 1920 = 30 heads x 64
-    "dit_2b": dict(
-        hidden_size=1920, num_heads=30, depth_double=8, depth_single=16, rope_axes=(16, 24, 24)
-    ),
-}
+from pathlib import Path
+
+import yaml
+
+NET_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model" / "net"
+
+
+def dit_preset(name: str) -> dict:
+    """The preset's PyramidDiT kwargs (lists as tuples), e.g. dit_preset("dit_s")."""
+    path = NET_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in NET_CONFIGS.glob("*.yaml"))
+        raise ValueError(f"DiT preset {name!r} is unknown; fix: one of {known}")
+    raw = yaml.safe_load(path.read_text())
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
 
 
 def count_parameters(

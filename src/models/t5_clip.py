@@ -11,12 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from src.models.text_encoders import (
-    TextEncoder,
-    TextFeatures,
-    _check_dims,
-    _quiet_hf_loading,
-)
+from src.data.text_features import TextFeatures
+from src.models.text_encoders import TextEncoder, _check_dims, _quiet_hf_loading
 
 
 def _local_model_dir(field: str, path: str | None, what: str) -> str:

@@ -251,6 +251,19 @@ def _vae_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
+def config_notices(cfg: DictConfig) -> list[str]:
+    """Choices that change results without being errors, said once at start-up."""
+    out = []
+    callbacks = cfg.get("callbacks") or {}
+    if cfg.model.get("fsdp") and callbacks.get("ema") is None:
+        out.append(
+            "EMA is off: strategy=fsdp_* shards the DiT and the EMA callback keeps a full copy, "
+            "so checkpoints and samples hold the raw weights (the paper's runs average them); "
+            "fix for EMA: strategy=ddp when the model fits one device"
+        )
+    return out
+
+
 def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     problems = config_problems(cfg, check_files)
     if problems:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
+
+from src.utils.checkpoint_io import read_checkpoint
 
 
 def load_base_state(ckpt_path: str | Path) -> dict:
@@ -23,10 +24,7 @@ def load_base_state(ckpt_path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return {f"net.{k}": v for k, v in load_file(str(path)).items()}
-    from src.models.checkpoint import load_sharded
-
-    ckpt = load_sharded(path) if path.is_dir() else torch.load(path, "cpu", weights_only=True)
-    return ckpt["state_dict"]
+    return read_checkpoint(path)["state_dict"]
 
 
 def load_base_weights(net: nn.Module, ckpt_path: str | Path, state: dict | None = None) -> None:

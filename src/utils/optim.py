@@ -61,10 +61,9 @@ def lr_factor(
 def budget_progress(trainer) -> float:
     """Share in [0, 1] of the binding budget used: optimizer steps of `trainer.max_steps`,
     seconds of the `trainer.max_time` guard (Lightning's Timer, restored on resume) or FLOPs of
-    ComputeAccounting's `max_flops`, whichever is furthest along."""
+    a FLOP-budgeted callback (ComputeAccounting: `max_flops`, `cumulative_flops`), whichever is
+    furthest along."""
     from lightning.pytorch.callbacks import Timer
-
-    from src.callbacks.compute_accounting import ComputeAccounting
 
     used = []
     if trainer.max_steps and trainer.max_steps > 0:
@@ -72,6 +71,36 @@ def budget_progress(trainer) -> float:
     for cb in trainer.callbacks:
         if isinstance(cb, Timer) and cb._duration:
             used.append(cb.time_elapsed("train") / cb._duration)
-        if isinstance(cb, ComputeAccounting) and cb.max_flops:
+        if getattr(cb, "max_flops", None):  # duck-typed: utils never import callbacks
             used.append(cb.cumulative_flops / cb.max_flops)
     return min(max(used, default=0.0), 1.0)
+
+
+def build_optimizer(named_parameters, optim: dict, progress) -> dict:
+    """AdamW over decay/no-decay groups with warm-up then the budget-following schedule.
+
+    optim: `model.optim` (lr, betas, eps, weight_decay, warmup_steps, warmup_start_factor,
+    schedule, min_lr_ratio; every value from the config, no code defaults); progress: a
+    callable returning the share of the run's budget used (e.g. budget_progress(trainer)).
+    Returns Lightning's optimizer/scheduler dict (the scheduler steps every optimizer step).
+    """
+    o = optim
+    opt = torch.optim.AdamW(
+        param_groups(named_parameters, o["weight_decay"]),
+        lr=o["lr"],
+        betas=tuple(o["betas"]),
+        eps=o["eps"],
+    )
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            progress(),
+            warmup_steps=o["warmup_steps"],
+            warmup_start_factor=o["warmup_start_factor"],
+            schedule=o["schedule"],
+            min_lr_ratio=o["min_lr_ratio"],
+        )
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
