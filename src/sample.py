@@ -33,6 +33,7 @@ from src.utils.checkpoint_io import sha256_file  # noqa: E402
 from src.utils.visualize import save_frame_strip  # noqa: E402
 
 log = RankedLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -75,8 +76,14 @@ def read_init(cfg: DictConfig) -> tuple[torch.Tensor | None, str | None]:
 
 
 def sample(cfg: DictConfig) -> Path:
+    if (cfg.get("precision") or "fp32") not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision} is unknown; fix: one of {list(PRECISIONS)}")
     prompts = read_prompts(cfg.prompts_file)
-    module = load_module(cfg.ckpt_path, cfg.device)
+    dtype = PRECISIONS[cfg.get("precision") or "fp32"]
+    offload = bool(cfg.get("offload", False))
+    ae = {k: v for k, v in (cfg.get("autoencoder") or {}).items() if v is not None}
+    # with offload the module stays on the CPU; its parts visit cfg.device in turn
+    module = load_module(cfg.ckpt_path, "cpu" if offload else cfg.device, ae, dtype)
     sha = sha256_file(cfg.ckpt_path)
     init, init_path = read_init(cfg)
     given = {
@@ -88,7 +95,7 @@ def sample(cfg: DictConfig) -> Path:
             "video_steps",
             "video_guidance_scale",
             "kv_cache",
-        )  # fmt: skip
+        )
         if (v := cfg.get(k)) is not None
     }
     settings = generation.resolve_settings(module.hparams.sampling, module.autoregressive, **given)
@@ -98,7 +105,7 @@ def sample(cfg: DictConfig) -> Path:
     records, strips = [], []
     batches = generation.generate_batches(
         module, prompts, cfg.seed, cfg.batch_size, num_frames=cfg.get("num_frames"),
-        init_video=init, **given,
+        init_video=init, device=cfg.device, offload=offload, dtype=dtype, **given,
     )  # fmt: skip
     for start, chunk, _, videos in batches:
         strips.append(videos)
@@ -118,6 +125,7 @@ def sample(cfg: DictConfig) -> Path:
                 "ckpt_path": str(cfg.ckpt_path),
                 "ckpt_sha256": sha,
                 "temporal": dict(module.temporal),
+                "precision": cfg.get("precision") or "fp32",
             }
             if module.autoregressive:
                 record.update(

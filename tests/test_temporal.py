@@ -359,7 +359,15 @@ def test_sample_cli_image_to_video_and_records(ar_ckpt, tmp_path):
     sample(cfg)  # continuation of a 5-frame clip (2 latent frames) to 9 frames
     rows = [json.loads(ln) for ln in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
     assert rows[0]["init_frames"] == 5 and rows[0]["frames"] == 9
-    cfg.init_image = str(tmp_path / "init.png")
+    cfg.init_video, cfg.out_dir = None, str(tmp_path / "m")
+    cfg.offload, cfg.precision = True, "bf16"  # the 24 GB-card options, on the CPU here
+    sample(cfg)
+    rows = [json.loads(ln) for ln in (tmp_path / "m" / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["precision"] == "bf16" and read_mp4(tmp_path / "m" / "0000.mp4").shape[0] == 9
+    cfg.precision = "int8"
+    with pytest.raises(ValueError, match="precision=int8 is unknown"):
+        sample(cfg)
+    cfg.precision, cfg.init_image, cfg.init_video = None, str(tmp_path / "init.png"), "x.mp4"
     with pytest.raises(ValueError, match="both set"):
         sample(cfg)
 

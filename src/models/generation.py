@@ -12,6 +12,7 @@ temporal.history_timestep=clean).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,30 @@ from src.data.video_io import write_mp4
 from src.sampling.autoregressive import AutoregressiveSampler
 from src.sampling.guidance import cfg_combine, guided_velocity
 from src.sampling.pyramid_sampler import PyramidSampler
+
+
+@contextlib.contextmanager
+def placed(part, device, offload: bool):
+    """Model offload: with `offload`, `part` (the text encoder, the DiT or the autoencoder) is
+    moved to `device` for the block and back to the CPU after it, so only one of them occupies
+    the accelerator at a time. Without it, everything already lives on `device`."""
+    if not offload or part is None:
+        yield
+        return
+    part.to(device)
+    try:
+        yield
+    finally:
+        part.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast of the DiT's sampling on `device` (None: the weights' precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def resolve_settings(sampling: dict, autoregressive: bool, **given) -> dict:
@@ -58,7 +83,9 @@ def latent_shape(module, num_frames: int | None) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def encode_init(module, video: torch.Tensor, latent_frames: int) -> torch.Tensor:
+def encode_init(
+    module, video: torch.Tensor, latent_frames: int, device=None, offload: bool = False
+) -> torch.Tensor:
     """Clean normalised latents of a given image/clip (B, 3, n, H, W) in [-1, 1]."""
     v = module.hparams.video
     if video.ndim != 5 or video.shape[1] != 3:
@@ -78,7 +105,9 @@ def encode_init(module, video: torch.Tensor, latent_frames: int) -> torch.Tensor
             f"1 + k*{ft} (the first frame alone, then groups of {ft}); fix: trim it to "
             f"{1 + (video.shape[2] - 1) // ft * ft} frames"
         )
-    lat = module.autoencoder.encode(video.float().to(module.device), sample=False)
+    device = module.device if device is None else device
+    with placed(module.autoencoder, device, offload):
+        lat = module.autoencoder.encode(video.float().to(device), sample=False)
     if lat.shape[2] >= latent_frames:
         raise ValueError(
             f"the init video has {video.shape[2]} frames ({lat.shape[2]} latent frames), "
@@ -132,11 +161,18 @@ def generate_latents(
     seed: int = 0,
     num_frames: int | None = None,
     init_video: torch.Tensor | None = None,
+    device=None,
+    offload: bool = False,
+    dtype: torch.dtype | None = None,
     **given,
 ) -> torch.Tensor:
     """Latents (B, C, t, h, w) for `prompts`; the noise of prompt i comes from seed + i, so a
     video does not depend on its batch. `given`: steps, guidance_scale, negative_prompt and,
-    for autoregressive models, video_steps, video_guidance_scale, kv_cache (None: checkpoint)."""
+    for autoregressive models, video_steps, video_guidance_scale, kv_cache (None: checkpoint).
+
+    device: where to run (default: the module's); offload: the module stays on the CPU and the
+    text encoder, DiT and autoencoder visit `device` in turn (see `placed`); dtype: autocast
+    precision of the DiT (e.g. torch.bfloat16 for bf16 weights)."""
     hp, ar = module.hparams, module.autoregressive
     if not ar:
         extra = {
@@ -153,7 +189,7 @@ def generate_latents(
             )
     s = resolve_settings(hp.sampling, ar, **given)
     shape = latent_shape(module, num_frames)
-    device = module.device
+    device = module.device if device is None else torch.device(device)
     noise = torch.stack(
         [
             torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(seed + i))
@@ -161,57 +197,77 @@ def generate_latents(
         ]
     )[:, :, : shape[1]].to(device)  # a shorter video is a prefix of the longer one
     suffix = hp.sampling.get("prompt_suffix", "")
-    cond = module.conditioner.encode([p + suffix for p in prompts], device)
-    unc = module.conditioner.encode([s["negative_prompt"]] * len(prompts), device)
+    with placed(module.conditioner.encoder, device, offload):
+        cond = module.conditioner.encode([p + suffix for p in prompts], device)
+        unc = module.conditioner.encode([s["negative_prompt"]] * len(prompts), device)
+    init = None
+    if init_video is not None:
+        if init_video.shape[0] not in (1, len(prompts)):
+            raise ValueError(
+                f"init video batch {init_video.shape[0]} must be 1 (shared) or one per "
+                f"prompt ({len(prompts)})"
+            )
+        init = encode_init(module, init_video, shape[1], device, offload)
+        init = init.expand(len(prompts), -1, -1, -1, -1)
     # jump noise from one generator per prompt: a video does not depend on its batch
     gens = [
         torch.Generator(device=device).manual_seed(seed + i + 10_007) for i in range(len(prompts))
     ]
     grid = hp.sampling.get("ratio_grid", "uniform")
-    net, w = module.net, s["guidance_scale"]
+    net = module.net
     was_training = net.training
     net.eval()
-    try:
-        if not ar:
-            both = TextFeatures.cat([unc, cond])
-            if w > 0:
-                fn = guided_velocity(
-                    lambda z, t, st: net(z, t, both.tokens, both.mask, both.pooled), w
-                )
-            else:
-                fn = lambda z, t, st: net(z, t, cond.tokens, cond.mask, cond.pooled)
-            return PyramidSampler(module.schedule, s["steps"], grid).sample(noise, fn, gens)
-        init = None
-        if init_video is not None:
-            if init_video.shape[0] not in (1, len(prompts)):
-                raise ValueError(
-                    f"init video batch {init_video.shape[0]} must be 1 (shared) or one per "
-                    f"prompt ({len(prompts)})"
-                )
-            init = encode_init(module, init_video, shape[1]).expand(len(prompts), -1, -1, -1, -1)
-        if s["kv_cache"] and net.history_timestep != "clean":
-            raise ValueError(
-                "kv_cache=true needs a model trained with temporal.history_timestep=clean, "
-                f"but this one used {net.history_timestep!r}; fix: kv_cache=false"
+    with placed(net, device, offload), autocast(device, dtype):
+        try:
+            return _sample(module, net, s, ar, noise, cond, unc, gens, grid, init)
+        finally:
+            net.train(was_training)
+
+
+def _sample(module, net, s: dict, ar: bool, noise, cond, unc, gens, grid, init) -> torch.Tensor:
+    """Run the pyramid (full-sequence) or the autoregressive sampler with guidance."""
+    w = s["guidance_scale"]
+    if not ar:
+        both = TextFeatures.cat([unc, cond])
+        if w > 0:
+            fn = guided_velocity(
+                lambda z, t, st: net(z, t, both.tokens, both.mask, both.pooled), w
             )
-        sampler = AutoregressiveSampler(
-            module.schedule, s["steps"], s["video_steps"], module.temporal["compression"], grid
+        else:
+            fn = lambda z, t, st: net(z, t, cond.tokens, cond.mask, cond.pooled)
+        return PyramidSampler(module.schedule, s["steps"], grid).sample(noise, fn, gens)
+    if s["kv_cache"] and net.history_timestep != "clean":
+        raise ValueError(
+            "kv_cache=true needs a model trained with temporal.history_timestep=clean, "
+            f"but this one used {net.history_timestep!r}; fix: kv_cache=false"
         )
-        make = frame_velocity_factory(net, cond, unc, w, s["video_guidance_scale"], s["kv_cache"])
-        return sampler.sample(noise, make, gens, init_latents=init)
-    finally:
-        net.train(was_training)
+    sampler = AutoregressiveSampler(
+        module.schedule, s["steps"], s["video_steps"], module.temporal["compression"], grid
+    )
+    make = frame_velocity_factory(net, cond, unc, w, s["video_guidance_scale"], s["kv_cache"])
+    return sampler.sample(noise, make, gens, init_latents=init)
+
+
+@torch.no_grad()
+def decode(module, latents: torch.Tensor, device=None, offload: bool = False) -> torch.Tensor:
+    """Latents -> videos (B, 3, T, H, W) in [-1, 1] on the CPU, decoded on `device` (the
+    autoencoder's own tiles and chunks bound its memory)."""
+    device = module.device if device is None else device
+    with placed(module.autoencoder, device, offload):
+        return module.decode_latents(latents.to(device)).cpu()
 
 
 def generate_batches(
     module, prompts: list[str], seed: int, batch_size: int, **kwargs
 ) -> Iterator[tuple[int, list[str], torch.Tensor, torch.Tensor]]:
     """(start, prompts, latents, videos (B, 3, T, H, W) in [-1, 1]) per batch; prompt i always
-    uses seed + i, so the videos are the same whatever the batch size."""
+    uses seed + i, so the videos are the same whatever the batch size. kwargs: those of
+    generate_latents (device and offload also apply to decoding)."""
+    device, offload = kwargs.get("device"), kwargs.get("offload", False)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         latents = generate_latents(module, chunk, seed=seed + start, **kwargs)
-        yield start, chunk, latents, module.decode_latents(latents)
+        yield start, chunk, latents, decode(module, latents, device, offload)
 
 
 def write_videos(

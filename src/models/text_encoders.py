@@ -66,6 +66,10 @@ class TextEncoder(ABC):
         self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self._empty: TextFeatures | None = None
 
+    def to(self, device) -> TextEncoder:
+        """Run on ``device`` (weight-free encoders: nothing to move; outputs stay on the CPU)."""
+        return self
+
     @abstractmethod
     def _encode_batch(self, prompts: list[str]) -> TextFeatures:
         """Encode distinct prompts without the cache; CPU float32 output padded to max_length."""
