@@ -27,9 +27,8 @@ def test_probe_trains_scores_and_rescoring_the_saved_ema_reproduces_it(tmp_path)
     ]  # fmt: skip
     row = probe.main(["name=t", "minutes=0.03", *common])
     assert row["steps"] > 0 and row["samples"] == 4 * row["steps"]
-    for key in ("digit_acc", "color_acc", "direction_acc", "persistence"):
-        assert 0.0 <= row[key] <= 1.0
     assert row["videos"] == 4
+    assert {"digit_acc", "identity_consistency", "color_acc", "direction_acc"} <= set(row)
     again = probe.main(["name=t_rescored", f"load={tmp_path / 't.pt'}", *common])
     assert again["steps"] == 0
     for key in ("digit_acc", "identity_consistency", "color_acc", "direction_acc"):

@@ -14,12 +14,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from src.data.text_features import TextFeatures  # noqa: E402
 from src.models.autoencoders import (  # noqa: E402
-    PCAAutoencoder,
     SpaceToDepthAutoencoder,
     build_autoencoder,
     depth_to_space,
     space_to_depth,
 )
+from src.models.pca_autoencoder import PCAAutoencoder  # noqa: E402
 from src.models.text_encoders import (  # noqa: E402
     HashTextEncoder,
     MiniLMTextEncoder,

@@ -117,9 +117,7 @@ def test_make_eval_writes_a_reproducible_report(tmp_path, tiny_data_dir):
     assert len(saved["checkpoint"]["sha256"]) == 64 and len(saved["prompts"]["sha256"]) == 64
     assert saved["scores"]["fvd_features"].startswith("fallback")
     assert {"torch", "lightning", "numpy"} <= set(saved["packages"])
-    for key in ("digit_acc", "color_acc", "direction_acc", "identity_consistency", "fvd"):
-        assert 0.0 <= saved["scores"][key] < float("inf"), key
-    assert -1.0 <= saved["scores"]["blockiness"] <= 1.0  # mean of the per-video values
+    assert saved["scores"]["fvd"] > 0  # a barely trained model is far from the renders
     assert saved["scores"]["blockiness"] == pytest.approx(
         np.mean([json.loads(x)["blockiness"] for x in (out / "videos.jsonl").open()])
     )

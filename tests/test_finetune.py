@@ -89,7 +89,13 @@ def test_base_checkpoint_of_another_net_size_is_one_clear_line(tmp_path):
     base = make_net()
     path = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
-    load_base_weights(make_net(), path)  # the same size loads
+    target = make_net()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)  # differs from the base everywhere
+    load_base_weights(target, path)  # the same size loads: every weight is the base's
+    got, want = target.state_dict(), base.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
     wider = make_net(mlp_ratio=2.0)  # same widths, other MLP size
     with pytest.raises(ValueError, match=r"DiT key \S+ has shape .* there and .* here; fix"):
         load_base_weights(wider, path)

@@ -106,7 +106,6 @@ def test_bf16_weights_sample_close_to_fp32():
     kw = dict(seed=1, steps=[2, 2], guidance_scale=2.0)
     full = generation.generate_latents(module, PROMPTS, **kw)
     module.net.to(torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in module.net.parameters())
     half = generation.generate_latents(module, PROMPTS, dtype=torch.bfloat16, **kw)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     rel = (half - full).norm() / full.norm()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -63,7 +62,8 @@ def test_time_guarded_schedule_reaches_its_floor_when_the_guard_stops():
     assert f == pytest.approx(0.1)
     trainer.global_step, timer._offset = 100, 50.0
     mid = lr_factor(100, budget_progress(trainer), **kw)
-    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert budget_progress(trainer) == pytest.approx(0.5)  # 50 s of a 100 s guard
+    assert mid == pytest.approx(0.55)  # halfway down the cosine from 1 to 0.1
 
 
 def test_param_groups_split_decay():
@@ -74,3 +74,33 @@ def test_param_groups_split_decay():
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert {tuple(p.shape) for p in no_decay["params"]} == {(4,)}
     assert len(no_decay["params"]) == 2  # the linear bias and the norm bias (weight frozen)
+
+
+def test_norm_weights_do_not_decay_and_build_optimizer_follows_the_config():
+    from src.utils.optim import build_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(net.named_parameters(), 0.1)
+    assert [id(p) for p in decay["params"]] == [id(net[0].weight)]
+    assert {id(p) for p in no_decay["params"]} == {
+        id(net[0].bias),
+        id(net[1].weight),
+        id(net[1].bias),
+    }
+    optim = dict(lr=2e-3, betas=[0.8, 0.9], eps=1e-6, weight_decay=0.05, warmup_steps=4,
+                 warmup_start_factor=0.25, schedule="cosine", min_lr_ratio=0.1)  # fmt: skip
+    progress = {"value": 0.0}
+    out = build_optimizer(net.named_parameters(), optim, lambda: progress["value"])
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert out["lr_scheduler"]["interval"] == "step"
+    assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.25)  # warm-up starts at 1/4
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3)  # warm-up done, progress 0
+    progress["value"] = 1.0  # the binding budget is used up
+    opt.step()
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(2e-4)  # min_lr_ratio x lr

@@ -80,7 +80,8 @@ def test_cfg_identities():
     vu, vc = torch.randn(2, 5), torch.randn(2, 5)
     assert torch.allclose(cfg_combine(vu, vc, 1.0), vc)
     assert torch.equal(cfg_combine(vu, vc, 0.0), vu)
-    assert torch.allclose(cfg_combine(vu, vc, 3.0), vu + 3 * (vc - vu))
+    one, two = torch.ones(3), torch.full((3,), 2.0)
+    assert torch.equal(cfg_combine(one, two, 3.0), torch.full((3,), 4.0))  # 1 + 3 (2 - 1)
 
     def batched(z, t, stage):  # first half "unconditional" gives 0, second half gives z
         half = z.shape[0] // 2

@@ -12,9 +12,10 @@ import pytest
 
 from src.data.video_io import read_mp4, write_mp4
 from src.eval import vbench as vb
+from src.eval import vbench_scores as vs
 
 # raw scores of a complete run: every dimension mid-range
-FULL = {d: (lo + hi) / 2 for d, (lo, hi) in vb.NORMALIZE.items()}
+FULL = {d: (lo + hi) / 2 for d, (lo, hi) in vs.NORMALIZE.items()}
 
 
 @pytest.mark.parametrize(
@@ -26,66 +27,66 @@ FULL = {d: (lo + hi) / 2 for d, (lo, hi) in vb.NORMALIZE.items()}
     ],
 )
 def test_total_reproduces_published_rows(quality, semantic, total):
-    assert round(vb.total_score(quality, semantic), 2) == pytest.approx(total, abs=0.01)
-    assert vb.total_score(quality / 100, semantic / 100) * 100 == pytest.approx(total, abs=0.01)
+    assert round(vs.total_score(quality, semantic), 2) == pytest.approx(total, abs=0.01)
+    assert vs.total_score(quality / 100, semantic / 100) * 100 == pytest.approx(total, abs=0.01)
 
 
 def test_constants_match_vbench():
-    assert len(vb.DIMENSIONS) == 16 and set(vb.NORMALIZE) == set(vb.DIMENSIONS)
-    assert len(vb.QUALITY_LIST) == 7 and len(vb.SEMANTIC_LIST) == 9
-    assert set(vb.QUALITY_LIST) | set(vb.SEMANTIC_LIST) == set(vb.DIMENSIONS)
-    assert {d for d, w in vb.DIM_WEIGHT.items() if w != 1} == {"dynamic degree"}
-    assert vb.DIM_WEIGHT["dynamic degree"] == 0.5
-    assert set(vb.DIMENSION_MODELS) == set(vb.DIMENSIONS)
-    assert set(vb.CUSTOM_INPUT_DIMENSIONS) < set(vb.QUALITY_LIST)
+    assert len(vs.DIMENSIONS) == 16 and set(vs.NORMALIZE) == set(vs.DIMENSIONS)
+    assert len(vs.QUALITY_LIST) == 7 and len(vs.SEMANTIC_LIST) == 9
+    assert set(vs.QUALITY_LIST) | set(vs.SEMANTIC_LIST) == set(vs.DIMENSIONS)
+    assert {d for d, w in vs.DIM_WEIGHT.items() if w != 1} == {"dynamic degree"}
+    assert vs.DIM_WEIGHT["dynamic degree"] == 0.5
+    assert set(vs.DIMENSION_MODELS) == set(vs.DIMENSIONS)
+    assert set(vs.CUSTOM_INPUT_DIMENSIONS) < set(vs.QUALITY_LIST)
 
 
 def test_normalize_maps_min_to_zero_and_max_to_one():
-    for dim, (lo, hi) in vb.NORMALIZE.items():
-        assert vb.normalize(dim, lo) == pytest.approx(0.0)
-        assert vb.normalize(dim, hi) == pytest.approx(1.0)
-        assert vb.normalize(dim.replace(" ", "_"), hi) == pytest.approx(1.0)
+    for dim, (lo, hi) in vs.NORMALIZE.items():
+        assert vs.normalize(dim, lo) == pytest.approx(0.0)
+        assert vs.normalize(dim, hi) == pytest.approx(1.0)
+        assert vs.normalize(dim.replace(" ", "_"), hi) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown VBench dimension"):
-        vb.normalize("sharpness", 0.5)
+        vs.normalize("sharpness", 0.5)
 
 
 def test_dynamic_degree_counts_half():
-    q = {d: FULL[d] for d in vb.QUALITY_LIST}
-    base = vb.quality_score(q)
+    q = {d: FULL[d] for d in vs.QUALITY_LIST}
+    base = vs.quality_score(q)
     x = 0.2
-    moved = vb.quality_score({**q, "dynamic degree": q["dynamic degree"] + x})
-    total_weight = sum(vb.DIM_WEIGHT[d] for d in vb.QUALITY_LIST)  # 6.5
+    moved = vs.quality_score({**q, "dynamic degree": q["dynamic degree"] + x})
+    total_weight = sum(vs.DIM_WEIGHT[d] for d in vs.QUALITY_LIST)  # 6.5
     assert moved - base == pytest.approx(0.5 * x / total_weight)  # normalisation factor 1
     # a weight-1 dimension with a narrow range moves it by x / (max - min) / 6.5
-    lo, hi = vb.NORMALIZE["motion smoothness"]
-    moved = vb.quality_score({**q, "motion smoothness": q["motion smoothness"] + 0.01})
+    lo, hi = vs.NORMALIZE["motion smoothness"]
+    moved = vs.quality_score({**q, "motion smoothness": q["motion smoothness"] + 0.01})
     assert moved - base == pytest.approx(0.01 / (hi - lo) / total_weight)
 
 
 def test_summarize_complete_and_incomplete():
-    full = vb.summarize({k.replace(" ", "_"): v for k, v in FULL.items()})
+    full = vs.summarize({k.replace(" ", "_"): v for k, v in FULL.items()})
     assert full["complete"] and full["missing"] == [] and full["unknown"] == []
     assert full["quality"] == pytest.approx(0.5) and full["semantic"] == pytest.approx(0.5)
     assert full["total"] == pytest.approx(0.5)
-    assert set(full["normalized"]) == set(vb.DIMENSIONS)
+    assert set(full["normalized"]) == set(vs.DIMENSIONS)
 
     part = dict(FULL)
     del part["human action"], part["temporal flickering"]
     part["camera_motion"] = 0.3
-    s = vb.summarize(part)
+    s = vs.summarize(part)
     assert not s["complete"]
     assert s["missing"] == ["temporal flickering", "human action"]
     assert s["missing_quality"] == ["temporal flickering"]
     assert s["missing_semantic"] == ["human action"]
     assert s["unknown"] == ["camera_motion"]
-    assert "INCOMPLETE" in vb.format_summary(s)
+    assert "INCOMPLETE" in vs.format_summary(s)
 
-    only_quality = vb.summarize({d: FULL[d] for d in vb.QUALITY_LIST})
+    only_quality = vs.summarize({d: FULL[d] for d in vs.QUALITY_LIST})
     assert only_quality["semantic"] is None and only_quality["total"] is None
     with pytest.raises(ValueError, match="no semantic dimension"):
-        vb.semantic_score({d: FULL[d] for d in vb.QUALITY_LIST})
+        vs.semantic_score({d: FULL[d] for d in vs.QUALITY_LIST})
     with pytest.raises(ValueError, match="percentage"):
-        vb.summarize({"subject consistency": 96.5})
+        vs.summarize({"subject consistency": 96.5})
 
 
 def test_mini_prompts_are_pinned_and_skip_comments():
