@@ -11,6 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import src.utils  # noqa: F401  (registers the configs' OmegaConf resolvers)
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

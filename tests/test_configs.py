@@ -144,3 +144,12 @@ def test_fsdp_turning_ema_off_is_said_at_start_up():
     assert config_notices(compose_train([])) == []  # the CPU demo keeps its EMA
     sharded = config_notices(compose_train(["strategy=fsdp_full"]))
     assert len(sharded) == 1 and sharded[0].startswith("EMA is off: strategy=fsdp_*")
+
+
+@pytest.mark.parametrize("stages", ["stages_2", "stages_3", "stages_4"])
+def test_paper_sampling_lists_follow_the_stage_count(stages):
+    cfg = compose_train(
+        [f"pyramid={stages}", "sampling=paper", "video.height=128", "video.width=128"]
+    )
+    k = int(cfg.pyramid.num_stages)
+    assert list(cfg.sampling.steps) == [20] * k and list(cfg.sampling.video_steps) == [10] * k

@@ -26,6 +26,7 @@ import importlib
 from abc import ABC, abstractmethod
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = [
@@ -82,10 +83,7 @@ def space_to_depth(video: Tensor, spatial_factor: int, temporal_factor: int) -> 
     b, c, frames, height, width = video.shape
     first = video[:, :, :1].expand(b, c, f, height, width)  # (B, c, f, H, W)
     x = torch.cat([first, video[:, :, 1:]], dim=2)  # (B, c, (k+1) f, H, W)
-    t, h, w = 1 + (frames - 1) // f, height // s, width // s
-    x = x.reshape(b, c, t, f, h, s, w, s)  # (B, c, t, f, h, s, w, s)
-    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, c, f, s, s, t, h, w)
-    return x.reshape(b, c * f * s * s, t, h, w)  # (B, C, t, h, w)
+    return rearrange(x, "b c (t f) (h s1) (w s2) -> b (c f s1 s2) t h w", f=f, s1=s, s2=s)
 
 
 def depth_to_space(latent: Tensor, spatial_factor: int, temporal_factor: int) -> Tensor:
@@ -100,11 +98,7 @@ def depth_to_space(latent: Tensor, spatial_factor: int, temporal_factor: int) ->
         ``(B, c, 1 + (t - 1) * f_t, h * s, w * s)``.
     """
     s, f = spatial_factor, temporal_factor
-    b, channels, t, h, w = latent.shape
-    c = channels // (f * s * s)
-    x = latent.reshape(b, c, f, s, s, t, h, w)  # (B, c, f, s, s, t, h, w)
-    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, c, t, f, h, s, w, s)
-    x = x.reshape(b, c, t * f, h * s, w * s)  # (B, c, t f, H, W)
+    x = rearrange(latent, "b (c f s1 s2) t h w -> b c (t f) (h s1) (w s2)", f=f, s1=s, s2=s)
     first = x[:, :, :f].mean(dim=2, keepdim=True)  # (B, c, 1, H, W)
     return torch.cat([first, x[:, :, f:]], dim=2)  # (B, c, 1 + (t-1) f, H, W)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 ATTENTION_BACKENDS = ("sdpa", "sdpa_segments", "flex", "flash")
@@ -255,8 +256,7 @@ def patchify(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, t, h, w = x.shape
     if h % p or w % p:
         raise ValueError(f"latent size {h}x{w} is not divisible by model.net.patch_size={p}")
-    tokens = x.reshape(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
-    tokens = tokens.reshape(b, t * (h // p) * (w // p), c * p * p)
+    tokens = rearrange(x, "b c t (h p1) (w p2) -> b (t h w) (c p1 p2)", p1=p, p2=p)
     grid = torch.stack(
         torch.meshgrid(torch.arange(t), torch.arange(h // p), torch.arange(w // p), indexing="ij"),
         dim=-1,
@@ -266,6 +266,6 @@ def patchify(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpatchify(tokens: torch.Tensor, p: int, c: int, t: int, h: int, w: int) -> torch.Tensor:
     """Inverse of `patchify`: (B, T*(H/p)*(W/p), C*p*p) -> (B, C, T, H, W)."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, t, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
-    return x.reshape(b, c, t, h, w)
+    return rearrange(
+        tokens, "b (t h w) (c p1 p2) -> b c t (h p1) (w p2)", t=t, h=h // p, c=c, p1=p, p2=p
+    )
