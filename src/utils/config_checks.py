@@ -9,6 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from src.flow.pyramid import column_plan
+from src.flow.schedules import build_stage_schedule
+
 SPACE_TO_DEPTH = {"space_to_depth", "pca"}
 
 
@@ -20,6 +23,16 @@ def _latent_channels(ae: DictConfig) -> int | None:
     if ae.get("name") == "space_to_depth":
         return 3 * ae.spatial_factor**2 * ae.temporal_factor
     return None
+
+
+def _raised(check, *args) -> list[str]:
+    """The one-line message of a constructor's own check, or nothing: each rule has one home
+    (the code that relies on it) and the config check only collects its messages up front."""
+    try:
+        check(*args)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
@@ -42,14 +55,9 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
             f"pyramid.stage_range={list(p.stage_range)} needs num_stages + 1 = {k + 1} "
             "entries; fix: one boundary per stage plus the final 1.0"
         )
-    elif (
-        any(b <= a for a, b in zip(p.stage_range, p.stage_range[1:]))
-        or p.stage_range[0] != 0
-        or p.stage_range[-1] != 1
-    ):
-        out.append(f"pyramid.stage_range={list(p.stage_range)} must increase strictly from 0 to 1")
-    if not float(p.get("shift", 1.0)) > 0:
-        out.append(f"pyramid.shift={p.shift} must be positive; fix: pyramid.shift=1.0")
+    else:  # the schedule's own invariants (monotone range, gamma, shift): one home
+        rng, shift = list(p.stage_range), float(p.get("shift", 1.0))
+        out += _raised(lambda: build_stage_schedule(rng, float(p.gamma), shift=shift))
     if len(p.stage_sample_ratios) != k:
         out.append(
             f"pyramid.stage_sample_ratios={list(p.stage_sample_ratios)} needs {k} entries "
@@ -58,11 +66,6 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
     if len(p.sample_steps) != k:
         out.append(
             f"pyramid.sample_steps={list(p.sample_steps)} needs {k} entries (one per stage)"
-        )
-    if not 0 < float(p.gamma) <= 1 / 3 + 1e-9:
-        out.append(
-            f"pyramid.gamma={p.gamma} must lie in (0, 1/3] (2x2 block covariance must be "
-            "positive semi-definite); fix: pyramid.gamma=0.3333333333"
         )
     factor = int(ae.spatial_factor) * int(net.patch_size) * 2 ** (k - 1)
     for name in ("height", "width"):
@@ -87,12 +90,8 @@ def config_problems(cfg: DictConfig, check_files: bool = True) -> list[str]:
             f"autoencoder.latent_channels={ae.latent_channels} must be 3*s*s*f_t={lc} for "
             "space_to_depth; fix: autoencoder.latent_channels=" + str(lc)
         )
-    bs, cols = int(cfg.data.batch_size), sum(int(r) for r in p.stage_sample_ratios)
-    if cols and bs % cols:
-        out.append(
-            f"data.batch_size={bs} must be divisible by sum(pyramid.stage_sample_ratios)="
-            f"{cols}; fix: data.batch_size={max(cols, bs // cols * cols)}"
-        )
+    if len(p.stage_sample_ratios) == k:  # every packed row holds one sample per column
+        out += _raised(column_plan, int(cfg.data.batch_size), list(p.stage_sample_ratios))
     out += _attention_problems(cfg)
     out += _temporal_problems(cfg) + _run_name_problems(cfg) + _strategy_problems(cfg)
     ckpt_file = ae.get("checkpoint")
