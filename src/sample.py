@@ -86,18 +86,7 @@ def sample(cfg: DictConfig) -> Path:
     module = load_module(cfg.ckpt_path, "cpu" if offload else cfg.device, ae, dtype)
     sha = sha256_file(cfg.ckpt_path)
     init, init_path = read_init(cfg)
-    given = {
-        k: (list(v) if k.endswith("steps") and v is not None else v)
-        for k in (
-            "steps",
-            "guidance_scale",
-            "negative_prompt",
-            "video_steps",
-            "video_guidance_scale",
-            "kv_cache",
-        )
-        if (v := cfg.get(k)) is not None
-    }
+    given = {k: cfg[k] for k in generation.SETTINGS if cfg.get(k) is not None}
     settings = generation.resolve_settings(module.hparams.sampling, module.autoregressive, **given)
     fps = module.hparams.video["fps"]
     out = Path(cfg.out_dir)

@@ -50,6 +50,17 @@ def autocast(device, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+# the keys resolve_settings takes (explicit values over the checkpoint's)
+SETTINGS = (
+    "steps",
+    "guidance_scale",
+    "negative_prompt",
+    "video_steps",
+    "video_guidance_scale",
+    "kv_cache",
+)
+
+
 def resolve_settings(sampling: dict, autoregressive: bool, **given) -> dict:
     """Sampling settings: explicit values (not None) over the checkpoint's `sampling` dict."""
 
