@@ -30,7 +30,7 @@ from src.flow.losses import packed_autoregressive_loss, packed_pyramid_loss  # n
 from src.flow.pyramid import PyramidPath, stage_columns  # noqa: E402
 from src.flow.schedules import build_stage_schedule, sample_ratios  # noqa: E402
 from src.flow.temporal import frame_positions  # noqa: E402
-from src.models.dit import PyramidDiT  # noqa: E402
+from src.models.registry import build_net  # noqa: E402
 from src.utils.flops import (  # noqa: E402
     autoregressive_tokens_per_column,
     dit_forward_flops,
@@ -94,7 +94,7 @@ class StepRunner:
         )
         self.net_cfg, self.device = net_cfg, device
         torch.manual_seed(0)
-        self.net = PyramidDiT(**net_cfg).to(device).train()
+        self.net = build_net(**net_cfg).to(device).train()
         if compile_blocks:  # regional compilation, as PyramidFlowModule.configure_model does
             self.net.compile_regions()
         fused = device.type == "cuda"

@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
 
-from src.models.dit import PyramidDiT  # noqa: E402
+from src.models.autoencoders import autoencoder_class  # noqa: E402
 from src.models.flux_conversion import check_against, flux_to_dit  # noqa: E402
+from src.models.registry import build_net  # noqa: E402
 from src.utils import RankedLogger, extras  # noqa: E402
 
 log = RankedLogger(__name__)
@@ -66,7 +67,7 @@ def convert_dit(cfg: DictConfig) -> Path:
     net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
     ours = flux_to_dit(state, int(net_cfg["in_channels"]), int(net_cfg["patch_size"]))
     with torch.device("meta"):
-        target = PyramidDiT(**net_cfg).state_dict()
+        target = build_net(**net_cfg).state_dict()
     check_against(ours, target)
     from safetensors.torch import save_file
 
@@ -115,11 +116,14 @@ def convert_module(cfg: DictConfig) -> Path:
     overrides = [f"experiment={cfg.module_experiment}", *cfg.get("train_overrides", [])]
     train_cfg = compose(config_name="train", overrides=overrides)
     hparams = OmegaConf.to_container(train_cfg.model, resolve=True)
-    hparams = {k: v for k, v in hparams.items() if k not in ("_target_", "_convert_")}
-    if hparams["autoencoder"]["name"] in ("pca",):
+    hparams = {
+        k: v for k, v in hparams.items() if k not in ("_target_", "_convert_", "_recursive_")
+    }
+    ae_cls = autoencoder_class(hparams["autoencoder"])
+    if ae_cls.requires_fit:
         raise ValueError(
             f"module_experiment={cfg.module_experiment} uses a data-fitted autoencoder "
-            f"({hparams['autoencoder']['name']}) whose fit is not in the released weights; fix: "
+            f"({ae_cls.__name__}) whose fit is not in the released weights; fix: "
             "an experiment with the released VAE (experiment=miniflux_384p or miniflux_768p)"
         )
     dit = Path(cfg.out)
@@ -130,7 +134,7 @@ def convert_module(cfg: DictConfig) -> Path:
         )
     weights = load_file(str(dit))
     with torch.device("meta"):
-        check_against(weights, PyramidDiT(**hparams["net"]).state_dict())
+        check_against(weights, build_net(**hparams["net"]).state_dict())
     ckpt = {
         "hyper_parameters": hparams,
         "state_dict": {f"net.{k}": v for k, v in weights.items()},

@@ -4,6 +4,7 @@ import copy
 import os
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from src.data.text_features import TextFeatures  # noqa: E402
 from src.models.autoencoders import (  # noqa: E402
+    LEGACY_AUTOENCODERS,
+    LatentAutoencoder,
     SpaceToDepthAutoencoder,
     build_autoencoder,
     depth_to_space,
@@ -21,8 +24,10 @@ from src.models.autoencoders import (  # noqa: E402
 )
 from src.models.pca_autoencoder import PCAAutoencoder  # noqa: E402
 from src.models.text_encoders import (  # noqa: E402
+    LEGACY_TEXT_ENCODERS,
     HashTextEncoder,
     MiniLMTextEncoder,
+    TextEncoder,
     build_text_encoder,
 )
 
@@ -103,7 +108,7 @@ def test_shape_errors_name_field_value_and_fix() -> None:
     with pytest.raises(ValueError, match="latent_channels=200 exceeds.*192"):
         PCAAutoencoder(latent_channels=200)
     with pytest.raises(ValueError, match="autoencoder.name='vae' is unknown"):
-        build_autoencoder("vae")
+        build_autoencoder(name="vae")
     for message in (str(e) for e in _collect_errors(ae)):
         assert "\n" not in message
 
@@ -196,8 +201,8 @@ def test_pca_decode_clamps_and_ignores_autocast() -> None:
 @pytest.mark.parametrize("option", ["space_to_depth", "pca"])
 def test_autoencoder_configs_build(option: str) -> None:
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "autoencoder" / f"{option}.yaml"))
-    assert "_target_" not in cfg
     ae = build_autoencoder(**cfg)
+    assert f"{type(ae).__module__}.{type(ae).__name__}" == cfg["_target_"]
     assert ae.latent_channels == cfg["latent_channels"]
     assert ae.latent_shape(17, 64, 64)[1:] == (5, 16, 16)
 
@@ -241,14 +246,52 @@ def test_hash_encoder_is_deterministic_and_cached() -> None:
 def test_text_encoder_configs_build() -> None:
     for option, dim in (("hash", 32), ("minilm", 384)):
         cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "text_encoder" / f"{option}.yaml"))
-        assert "_target_" not in cfg and cfg["dim"] == dim
+        assert cfg["dim"] == dim
         enc = build_text_encoder(**cfg)  # MiniLM loads lazily: no weights read here
+        assert f"{type(enc).__module__}.{type(enc).__name__}" == cfg["_target_"]
         assert (enc.dim, enc.pooled_dim) == (dim, cfg["pooled_dim"])
         assert enc.max_length == cfg["max_length"]
     with pytest.raises(ValueError, match=r"text_encoder.dim=512 does not match.*set dim: 384"):
-        build_text_encoder("minilm", dim=512)
+        build_text_encoder(_target_=LEGACY_TEXT_ENCODERS["minilm"], dim=512)
     with pytest.raises(ValueError, match="text_encoder.name='t5' is unknown"):
-        build_text_encoder("t5")
+        build_text_encoder(name="t5")
+
+
+@pytest.mark.parametrize(
+    ("group", "build", "legacy", "base"),
+    [
+        ("autoencoder", build_autoencoder, LEGACY_AUTOENCODERS, LatentAutoencoder),
+        ("text_encoder", build_text_encoder, LEGACY_TEXT_ENCODERS, TextEncoder),
+    ],
+)
+def test_components_come_from_their_target(group, build, legacy, base) -> None:
+    """Every config of the group names a subclass of its base; the short names that checkpoints
+    written before `_target_` carry map to exactly the configs' targets; a target that is not
+    such a class (a function a checkpoint could smuggle in) or cannot be imported is refused."""
+    targets = {}
+    for path in sorted((CONFIGS / group).glob("*.yaml")):
+        target = OmegaConf.load(path)["_target_"]
+        assert issubclass(hydra.utils.get_class(target), base), path.name
+        targets[target] = path.name
+    assert set(legacy.values()) == set(targets)
+    with pytest.raises(
+        ValueError, match=rf"{group}._target_='os.system' is not a {base.__name__}"
+    ):
+        build(_target_="os.system", command="true")
+    with pytest.raises(ValueError, match=rf"{group}._target_='src.nowhere.Thing' cannot be imp"):
+        build(_target_="src.nowhere.Thing")
+    with pytest.raises(ValueError, match=rf"the {group} config names no class"):
+        build(dim=4)
+
+
+def test_legacy_name_builds_the_same_autoencoder_as_its_target() -> None:
+    """A checkpoint's `name: pca` hparams and today's `_target_` config build the same class
+    with the same state (fitted buffers then load into either)."""
+    kw = {"spatial_factor": 4, "temporal_factor": 4, "latent_channels": 8}
+    old = build_autoencoder(name="pca", **kw)
+    new = build_autoencoder(_target_=LEGACY_AUTOENCODERS["pca"], **kw)
+    assert type(old) is type(new) is PCAAutoencoder
+    assert old.state_dict().keys() == new.state_dict().keys()
 
 
 def test_text_encoder_stays_out_of_module_state() -> None:

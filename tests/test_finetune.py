@@ -109,13 +109,13 @@ def test_lora_run_from_a_converted_safetensors_dit(tmp_path, tiny_data_dir):
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from src.models.dit import PyramidDiT
+    from src.models.registry import build_net
     from src.train import train
     from tests.conftest import tiny_cfg
 
     cfg = tiny_cfg(tmp_path / "x", tiny_data_dir)
     torch.manual_seed(0)
-    dit = randomize(PyramidDiT(**OmegaConf.to_container(cfg.model.net, resolve=True)))
+    dit = randomize(build_net(**OmegaConf.to_container(cfg.model.net, resolve=True)))
     base = tmp_path / "converted.safetensors"
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(base))
     GlobalHydra.instance().clear()

@@ -10,6 +10,7 @@ import torch
 from src.models.dit import PyramidDiT
 from src.models.flux_conversion import check_against, flux_to_dit, patch_order, swap_halves
 from src.models.layers import patchify
+from src.models.registry import build_net
 
 C, P, HEADS, HEAD_DIM, AXES, TEXT, POOLED = 4, 2, 2, 16, (4, 6, 6), 24, 12
 
@@ -212,7 +213,7 @@ def test_module_checkpoint_from_a_converted_dit_samples_like_any_checkpoint(tmp_
         compose_train(["experiment=tiny", *extra]).model.net, resolve=True
     )
     torch.manual_seed(0)
-    dit = PyramidDiT(**net_cfg)
+    dit = build_net(**net_cfg)
     for p in dit.parameters():
         p.data.normal_(0.0, 0.05)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp_path / "d.st"))

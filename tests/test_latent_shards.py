@@ -196,7 +196,12 @@ def test_extraction_gives_exactly_the_encoders_outputs(extracted, video_root):
     assert manifest["text_encoder"]["config"] == HASH
     assert manifest["autoencoder_config"]["latent_channels"] == 8
 
-    ae = build_autoencoder("pca", spatial_factor=4, temporal_factor=4, latent_channels=8)
+    ae = build_autoencoder(
+        _target_="src.models.pca_autoencoder.PCAAutoencoder",
+        spatial_factor=4,
+        temporal_factor=4,
+        latent_channels=8,
+    )
     ae.load_state_dict(dm.autoencoder_state)
     assert ae.describe() == manifest["autoencoder"]  # fingerprint of the restored PCA
     te = build_text_encoder(**HASH)
@@ -407,7 +412,7 @@ def test_training_from_latents_and_from_videos_gives_the_same_loss(extracted, vi
         ]
     )
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    kwargs.pop("_target_"), kwargs.pop("_convert_")
+    kwargs.pop("_target_"), kwargs.pop("_convert_"), kwargs.pop("_recursive_")
     torch.manual_seed(0)
     module = PyramidFlowModule(**kwargs)
     module.configure_model()

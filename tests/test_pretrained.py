@@ -19,6 +19,9 @@ from torch import nn
 from src.models.autoencoders import build_autoencoder
 from src.models.text_encoders import build_text_encoder
 
+DIFFUSERS_VAE = "src.models.diffusers_vae.DiffusersVideoAutoencoder"
+T5_CLIP = "src.models.t5_clip.T5CLIPTextEncoder"
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # kind -> (diffusers class, constructor kwargs); every tiny VAE has s = 4, f_t = 4, C = 4.
@@ -82,7 +85,7 @@ def _video(frames: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", list(TINY_VAES))
 def test_diffusers_vae_matches_the_model(kind: str, vae_dirs) -> None:
-    ae = build_autoencoder("diffusers", path=str(vae_dirs[kind]), **WRITTEN)
+    ae = build_autoencoder(_target_=DIFFUSERS_VAE, path=str(vae_dirs[kind]), **WRITTEN)
     vae = ae.vae
     assert ae.class_name == TINY_VAES[kind][0] and not vae.training
     for frames in (1, 5, 9):
@@ -111,27 +114,29 @@ def test_diffusers_vae_matches_the_model(kind: str, vae_dirs) -> None:
 
 def test_default_normalization_follows_the_pipelines(vae_dirs) -> None:
     raw = torch.randn(1, 4, 2, 3, 3)
-    wan = build_autoencoder("diffusers", path=str(vae_dirs["wan"]))
+    wan = build_autoencoder(_target_=DIFFUSERS_VAE, path=str(vae_dirs["wan"]))
     mean = torch.tensor(TINY_VAES["wan"][1]["latents_mean"]).view(1, -1, 1, 1, 1)
     std = torch.tensor(TINY_VAES["wan"][1]["latents_std"]).view(1, -1, 1, 1, 1)
     torch.testing.assert_close(wan.normalize(raw), (raw - mean) / std)
     for kind in ("cogvideox", "hunyuan"):
-        ae = build_autoencoder("diffusers", path=str(vae_dirs[kind]))
+        ae = build_autoencoder(_target_=DIFFUSERS_VAE, path=str(vae_dirs[kind]))
         torch.testing.assert_close(ae.normalize(raw), raw * ae.vae.config.scaling_factor)
-    custom = build_autoencoder("diffusers", path=str(vae_dirs["hunyuan"]), shift=1.0, scale=0.5)
+    custom = build_autoencoder(
+        _target_=DIFFUSERS_VAE, path=str(vae_dirs["hunyuan"]), shift=1.0, scale=0.5
+    )
     torch.testing.assert_close(custom.normalize(raw), (raw - 1.0) * 0.5)
     info = custom.describe()
     assert info["diffusers_class"] == "AutoencoderKLHunyuanVideo"
     assert info["normalization"] == {"shift": [1.0] * 4, "scale": [0.5] * 4}
     # The fingerprint (checked against latent-shard manifests) covers weights and normalisation.
-    again = build_autoencoder("diffusers", path=str(vae_dirs["hunyuan"]))
+    again = build_autoencoder(_target_=DIFFUSERS_VAE, path=str(vae_dirs["hunyuan"]))
     assert len(info["fingerprint"]) == 16 and again.fingerprint == ae.fingerprint
     assert len({info["fingerprint"], ae.fingerprint, wan.fingerprint}) == 3
 
 
 @pytest.mark.parametrize("kind", list(TINY_VAES))
 def test_diffusers_vae_sampling_is_seeded(kind: str, vae_dirs) -> None:
-    ae = build_autoencoder("diffusers", path=str(vae_dirs[kind]))
+    ae = build_autoencoder(_target_=DIFFUSERS_VAE, path=str(vae_dirs[kind]))
     video = _video(5, batch=1)
     a = ae.encode_raw(video, sample=True, generator=torch.Generator().manual_seed(3))
     b = ae.encode_raw(video, sample=True, generator=torch.Generator().manual_seed(3))
@@ -144,7 +149,7 @@ def test_diffusers_vae_sampling_is_seeded(kind: str, vae_dirs) -> None:
 
 def test_pretrained_weights_stay_out_of_checkpoints_but_move(vae_dirs) -> None:
     holder = nn.Module()
-    holder.ae = build_autoencoder("diffusers", path=str(vae_dirs["wan"]))
+    holder.ae = build_autoencoder(_target_=DIFFUSERS_VAE, path=str(vae_dirs["wan"]))
     holder.proj = nn.Linear(2, 2)
     ae = holder.ae
     assert set(holder.state_dict()) == {"proj.weight", "proj.bias"}
@@ -163,24 +168,24 @@ def test_pretrained_weights_stay_out_of_checkpoints_but_move(vae_dirs) -> None:
 def test_diffusers_vae_errors_name_the_field(vae_dirs, tmp_path) -> None:
     path = str(vae_dirs["cogvideox"])
     with pytest.raises(ValueError, match=r"autoencoder.latent_channels=16 does not match.*\(4\)"):
-        build_autoencoder("diffusers", path=path, latent_channels=16)
+        build_autoencoder(_target_=DIFFUSERS_VAE, path=path, latent_channels=16)
     with pytest.raises(ValueError, match=r"autoencoder.spatial_factor=8 does not match"):
-        build_autoencoder("diffusers", path=path, spatial_factor=8)
+        build_autoencoder(_target_=DIFFUSERS_VAE, path=path, spatial_factor=8)
     with pytest.raises(ValueError, match=r"autoencoder.path='.*nowhere' has no config.json"):
-        build_autoencoder("diffusers", path=str(tmp_path / "nowhere"))
+        build_autoencoder(_target_=DIFFUSERS_VAE, path=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"class_name='AutoencoderKL' is not supported"):
-        build_autoencoder("diffusers", path=path, class_name="AutoencoderKL")
+        build_autoencoder(_target_=DIFFUSERS_VAE, path=path, class_name="AutoencoderKL")
     with pytest.raises(ValueError, match=r"autoencoder.shift has 3 values; expected 1 or"):
-        build_autoencoder("diffusers", path=path, shift=[0.0, 1.0, 2.0])
+        build_autoencoder(_target_=DIFFUSERS_VAE, path=path, shift=[0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match=r"autoencoder.dtype='fp8' is unknown"):
-        build_autoencoder("diffusers", path=path, dtype="fp8")
+        build_autoencoder(_target_=DIFFUSERS_VAE, path=path, dtype="fp8")
 
 
 def test_diffusers_config_builds(vae_dirs) -> None:
     cfg = OmegaConf.load(CONFIGS / "autoencoder" / "diffusers.yaml")
     cfg.merge_with({"path": str(vae_dirs["hunyuan"]), "subfolder": None, **WRITTEN})
     kwargs = OmegaConf.to_container(cfg, resolve=True)
-    assert "_target_" not in kwargs
+    assert kwargs["_target_"] == DIFFUSERS_VAE
     ae = build_autoencoder(**kwargs)
     assert ae.latent_shape(17, 32, 32) == (4, 5, 8, 8)
 
@@ -230,7 +235,7 @@ def text_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def _t5_clip(text_dirs, **kwargs):
     return build_text_encoder(
-        "t5_clip", t5_path=str(text_dirs["t5"]), clip_path=str(text_dirs["clip"]), **kwargs
+        _target_=T5_CLIP, t5_path=str(text_dirs["t5"]), clip_path=str(text_dirs["clip"]), **kwargs
     )
 
 
@@ -283,9 +288,9 @@ def test_t5_clip_errors_name_the_field(text_dirs, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"text_encoder.pooled_dim=32 .*set pooled_dim: 24"):
         _t5_clip(text_dirs, pooled_dim=32)
     with pytest.raises(FileNotFoundError, match=r"text_encoder.t5_path='.*nowhere' has no"):
-        build_text_encoder("t5_clip", t5_path=str(tmp_path / "nowhere"), clip_path="x")
+        build_text_encoder(_target_=T5_CLIP, t5_path=str(tmp_path / "nowhere"), clip_path="x")
     with pytest.raises(FileNotFoundError, match=r"text_encoder.clip_path='x' has no"):
-        build_text_encoder("t5_clip", t5_path=str(text_dirs["t5"]), clip_path="x")
+        build_text_encoder(_target_=T5_CLIP, t5_path=str(text_dirs["t5"]), clip_path="x")
 
 
 def test_t5_clip_config_builds(text_dirs) -> None:
@@ -301,6 +306,6 @@ def test_t5_clip_config_builds(text_dirs) -> None:
         }
     )
     kwargs = OmegaConf.to_container(cfg, resolve=True)
-    assert "_target_" not in kwargs
+    assert kwargs["_target_"] == T5_CLIP
     enc = build_text_encoder(**kwargs)
     assert (enc.dim, enc.pooled_dim, enc.max_length) == (32, 24, 128)

@@ -141,7 +141,12 @@ def test_export_round_trip_and_autoencoder(tmp_path, vae):
         assert torch.equal(norm[k], v)
     assert path.read_bytes()[:8] != b"\x80\x02" and not (tmp_path / "vae.safetensors.tmp").exists()
 
-    ae = build_autoencoder("causal_vae", checkpoint=str(path), vae=config, latent_channels=4)
+    ae = build_autoencoder(
+        _target_="src.models.vae.frozen.CausalVideoAutoencoder",
+        checkpoint=str(path),
+        vae=config,
+        latent_channels=4,
+    )
     assert ae.state_dict().keys() == set()  # weights come from the file, not DiT checkpoints
     x = _video(frames=9, size=16, seed=0)
     raw = ae.encode_raw(x)
@@ -157,9 +162,16 @@ def test_export_round_trip_and_autoencoder(tmp_path, vae):
     assert next(ae.net.parameters()).dtype == torch.float64
 
     with pytest.raises(ValueError, match="autoencoder.latent_channels=16"):
-        build_autoencoder("causal_vae", checkpoint=str(path), latent_channels=16)
+        build_autoencoder(
+            _target_="src.models.vae.frozen.CausalVideoAutoencoder",
+            checkpoint=str(path),
+            latent_channels=16,
+        )
     with pytest.raises(FileNotFoundError, match="autoencoder.checkpoint=.*make vae"):
-        build_autoencoder("causal_vae", checkpoint=str(tmp_path / "missing.safetensors"))
+        build_autoencoder(
+            _target_="src.models.vae.frozen.CausalVideoAutoencoder",
+            checkpoint=str(tmp_path / "missing.safetensors"),
+        )
 
 
 def test_latent_statistics_normalise_to_zero_mean_unit_std(vae):

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 from abc import ABC, abstractmethod
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from src.utils.components import build_component, component_class
+
 __all__ = [
     "LatentAutoencoder",
     "SpaceToDepthAutoencoder",
+    "autoencoder_class",
     "build_autoencoder",
     "state_fingerprint",
     "depth_to_space",
@@ -282,37 +284,21 @@ class SpaceToDepthAutoencoder(LatentAutoencoder):
         return video.clamp(-1.0, 1.0)
 
 
-# name -> class, or "module:Class" imported on first use (keeps heavy imports such as
-# diffusers out of the default path).
-AUTOENCODERS: dict[str, type[LatentAutoencoder] | str] = {
-    "space_to_depth": SpaceToDepthAutoencoder,
-    "pca": "src.models.pca_autoencoder:PCAAutoencoder",
-    "causal_vae": "src.models.vae.frozen:CausalVideoAutoencoder",
-    "diffusers": "src.models.diffusers_vae:DiffusersVideoAutoencoder",
+# short names of checkpoints written before the configs named classes with `_target_`
+LEGACY_AUTOENCODERS = {
+    "space_to_depth": "src.models.autoencoders.SpaceToDepthAutoencoder",
+    "pca": "src.models.pca_autoencoder.PCAAutoencoder",
+    "causal_vae": "src.models.vae.frozen.CausalVideoAutoencoder",
+    "diffusers": "src.models.diffusers_vae.DiffusersVideoAutoencoder",
 }
 
 
-def _resolve(entry: type[LatentAutoencoder] | str) -> type[LatentAutoencoder]:
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        return getattr(importlib.import_module(module), attr)
-    return entry
+def autoencoder_class(cfg: dict) -> type[LatentAutoencoder]:
+    """The LatentAutoencoder subclass a config node (or a checkpoint's hparams) names."""
+    return component_class(cfg, LatentAutoencoder, "autoencoder", LEGACY_AUTOENCODERS)
 
 
-def build_autoencoder(name: str, **kwargs) -> LatentAutoencoder:
-    """Build an autoencoder from a config node such as ``configs/autoencoder/pca.yaml``.
-
-    Args:
-        name: one of ``AUTOENCODERS`` (``"space_to_depth"``, ``"pca"``, ``"causal_vae"``,
-            ``"diffusers"``).
-        **kwargs: constructor arguments of that class.
-    """
-    if name not in AUTOENCODERS:
-        raise ValueError(
-            f"autoencoder.name={name!r} is unknown: choose one of {sorted(AUTOENCODERS)}"
-        )
-    cls = _resolve(AUTOENCODERS[name])
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"autoencoder {name!r} ({cls.__name__}): {err}") from err
+def build_autoencoder(**cfg) -> LatentAutoencoder:
+    """Build an autoencoder from a config node such as ``configs/autoencoder/pca.yaml``:
+    ``_target_`` (a LatentAutoencoder subclass; or a legacy ``name``) and its arguments."""
+    return build_component(cfg, LatentAutoencoder, "autoencoder", LEGACY_AUTOENCODERS)

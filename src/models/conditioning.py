@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from src.data.text_features import TextFeatures
-from src.models.text_encoders import TextEncoder, build_text_encoder
+from src.models.text_encoders import TextEncoder, build_text_encoder, text_encoder_class
 
 
 class TextConditioner:
@@ -24,6 +24,7 @@ class TextConditioner:
                 f"model.cfg_dropout={cfg_dropout} must be in [0, 1); fix: e.g. 0.1 (the paper's "
                 "rate of dropped captions for classifier-free guidance)"
             )
+        text_encoder_class(encoder_cfg)  # a bad `_target_` fails now, not at the first prompt
         self.encoder_cfg, self.cfg_dropout = dict(encoder_cfg), cfg_dropout
         self._encoder: TextEncoder | None = None
         self.null_text: TextFeatures | None = None  # stored empty-prompt features, if any

@@ -27,15 +27,15 @@ def fit_autoencoder(ae: nn.Module, trainer, cfg: dict, device) -> float | None:
     return ae.explained_variance_ratio
 
 
-def adopt_latent_dataset(ae: nn.Module, dm, device, name: str) -> None:
+def adopt_latent_dataset(ae: nn.Module, dm, device) -> None:
     """Pre-extracted latents: restore a fitted autoencoder's state from the shard set and check
     that the latents were made by this autoencoder (its describe() fingerprint)."""
     state = getattr(dm, "autoencoder_state", None)
     if getattr(ae, "requires_fit", False) and not ae.is_fitted:
         if state is None:
             raise ValueError(
-                f"autoencoder.name={name} must be fitted but the latent shards carry no "
-                "autoencoder.safetensors; re-run src/extract.py"
+                f"the autoencoder ({type(ae).__name__}) must be fitted but the latent shards "
+                "carry no autoencoder.safetensors; re-run src/extract.py"
             )
         ae.load_state_dict({k: v.to(device) for k, v in state.items()})
     made_by = dm.manifest.get("autoencoder") or {}  # its describe() record

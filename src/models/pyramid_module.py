@@ -23,6 +23,7 @@ from src.models.conditioning import TextConditioner
 from src.models.dit import PyramidDiT
 from src.models.latent_space import adopt_latent_dataset, fit_autoencoder
 from src.models.loss_guard import LossGuard
+from src.models.registry import build_net
 from src.models.text_encoders import TextEncoder
 from src.utils.optim import budget_progress, build_optimizer
 
@@ -91,7 +92,7 @@ class PyramidFlowModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:  # idempotent: Lightning may call it more than once
             return
-        self.net = PyramidDiT(**self.hparams.net)
+        self.net = build_net(**self.hparams.net)
         ft = self.hparams.finetune or {}
         if ft.get("base_ckpt") and self._trainer is not None:  # training, not loading
             from src.utils import finetune as fine
@@ -131,8 +132,7 @@ class PyramidFlowModule(L.LightningModule):
     def adopt_latent_dataset(self, dm) -> None:
         """Pre-extracted latents: their fitted autoencoder state (checked to be this
         autoencoder's) and their stored empty-prompt features for guidance dropout."""
-        name = self.hparams.autoencoder["name"]
-        adopt_latent_dataset(self.autoencoder, dm, self.device, name)
+        adopt_latent_dataset(self.autoencoder, dm, self.device)
         self.conditioner.null_text = getattr(dm, "null_text", None)
 
     # ----------------------------------------------------------------------------- encoding

@@ -1,5 +1,6 @@
-"""DiT size presets: read from their one home, configs/model/net/<name>.yaml (plain kwargs of
-PyramidDiT), for scripts and tests that build a DiT without composing a Hydra config."""
+"""The DiT from its config: `build_net` (the `model.net` node's `_target_`, PyramidDiT by
+default) and the size presets read from their one home, configs/model/net/<name>.yaml (plain
+kwargs of PyramidDiT), for scripts and tests that build a DiT without composing a config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from pathlib import Path
 
 import yaml
 
+from src.models.dit import PyramidDiT
+from src.utils.components import build_component
+
 NET_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model" / "net"
+
+
+def build_net(**cfg) -> PyramidDiT:
+    """The DiT a `model.net` node (or a checkpoint's `net` hparams) describes: its `_target_`, a
+    PyramidDiT subclass (PyramidDiT itself for checkpoints that predate `_target_`)."""
+    return build_component(cfg, PyramidDiT, "model.net", default="src.models.dit.PyramidDiT")
 
 
 def dit_preset(name: str) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import re
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.data.text_features import TextFeatures
+from src.utils.components import build_component, component_class
 
 __all__ = [
     "HashTextEncoder",
@@ -331,30 +331,20 @@ class HashTextEncoder(TextEncoder):
         return TextFeatures(tokens, mask, pooled)
 
 
-# name -> class, or "module:Class" imported on first use
-TEXT_ENCODERS: dict[str, type[TextEncoder] | str] = {
-    "minilm": MiniLMTextEncoder,
-    "t5_clip": "src.models.t5_clip:T5CLIPTextEncoder",
-    "hash": HashTextEncoder,
+# short names of checkpoints written before the configs named classes with `_target_`
+LEGACY_TEXT_ENCODERS = {
+    "minilm": "src.models.text_encoders.MiniLMTextEncoder",
+    "t5_clip": "src.models.t5_clip.T5CLIPTextEncoder",
+    "hash": "src.models.text_encoders.HashTextEncoder",
 }
 
 
-def build_text_encoder(name: str, **kwargs) -> TextEncoder:
-    """Build a text encoder from a config node such as ``configs/text_encoder/minilm.yaml``.
+def text_encoder_class(cfg: dict) -> type[TextEncoder]:
+    """The TextEncoder subclass a config node (or a checkpoint's hparams) names."""
+    return component_class(cfg, TextEncoder, "text_encoder", LEGACY_TEXT_ENCODERS)
 
-    Args:
-        name: one of ``TEXT_ENCODERS`` (``"minilm"``, ``"t5_clip"``, ``"hash"``).
-        **kwargs: constructor arguments of that class.
-    """
-    if name not in TEXT_ENCODERS:
-        raise ValueError(
-            f"text_encoder.name={name!r} is unknown: choose one of {sorted(TEXT_ENCODERS)}"
-        )
-    cls = TEXT_ENCODERS[name]
-    if isinstance(cls, str):
-        module, _, attr = cls.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"text encoder {name!r} ({cls.__name__}): {err}") from err
+
+def build_text_encoder(**cfg) -> TextEncoder:
+    """Build a text encoder from a config node such as ``configs/text_encoder/minilm.yaml``:
+    ``_target_`` (a TextEncoder subclass; or a legacy ``name``) and its arguments."""
+    return build_component(cfg, TextEncoder, "text_encoder", LEGACY_TEXT_ENCODERS)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from src.flow.pyramid import column_plan
 from src.flow.schedules import build_stage_schedule
 
-SPACE_TO_DEPTH = {"space_to_depth", "pca"}
+SPACE_TO_DEPTH = "src.models.autoencoders.SpaceToDepthAutoencoder"
 
 
 class ConfigError(ValueError):
@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 def _latent_channels(ae: DictConfig) -> int | None:
-    if ae.get("name") == "space_to_depth":
+    if ae.get("_target_") == SPACE_TO_DEPTH:
         return 3 * ae.spatial_factor**2 * ae.temporal_factor
     return None
 

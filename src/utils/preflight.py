@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.flow.pyramid import stage_columns
-from src.models.dit import PyramidDiT
+from src.models.registry import build_net
 from src.utils.flops import (
     autoregressive_tokens_per_column,
     dit_forward_flops,
@@ -50,7 +50,7 @@ def latent_shape(cfg: DictConfig) -> tuple[int, int, int, int]:
 def meta_parameter_count(net_cfg: dict) -> int:
     """Parameters of the DiT, built on the meta device (no memory is allocated)."""
     with torch.device("meta"):
-        net = PyramidDiT(**net_cfg)
+        net = build_net(**net_cfg)
     return sum(p.numel() for p in net.parameters())
 
 
