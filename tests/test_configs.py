@@ -89,7 +89,11 @@ BAD = [
     (["video.num_frames=16"], "video.num_frames=16 must be k*4+1"),
     (["pyramid.gamma=0.5"], "pyramid.gamma=0.5 must lie in"),
     (["pyramid.stage_sample_ratios=[1,1]"], "pyramid.stage_sample_ratios=[1, 1] needs 3"),
-    (["pyramid.stage_range=[0,0.5,1]"], "pyramid.stage_range=[0, 0.5, 1] needs num_stages + 1"),
+    (
+        ["pyramid.num_stages=3", "pyramid.stage_range=[0,0.5,1]"],
+        "pyramid.stage_range=[0, 0.5, 1] needs num_stages + 1",
+    ),
+    (["pyramid.stage_range=[0,0.5,1]"], "pyramid.stage_sample_ratios=[1, 2, 1] needs 2"),
     (["pyramid.stage_range=[0,0.7,0.3,1]"], "must increase strictly"),
     (["pyramid.sample_steps=[8]"], "pyramid.sample_steps=[8] needs 3"),
     (["data.batch_size=6"], "data.batch_size=6 must be divisible by"),
@@ -153,3 +157,21 @@ def test_paper_sampling_lists_follow_the_stage_count(stages):
     )
     k = int(cfg.pyramid.num_stages)
     assert list(cfg.sampling.steps) == [20] * k and list(cfg.sampling.video_steps) == [10] * k
+
+
+def test_stage_count_is_derived_from_the_stage_range():
+    """num_stages has one source, stage_range: overriding the boundaries alone changes the stage
+    count and every list that follows it; a range with one entry is refused in one line."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    cfg = compose_train(
+        [
+            "pyramid.stage_range=[0,0.5,1]",
+            "pyramid.stage_sample_ratios=[1,1]",
+            "sampling=paper",
+        ]
+    )
+    assert cfg.pyramid.num_stages == 2 and list(cfg.sampling.steps) == [20, 20]
+    assert compose_train(["pyramid=stages_4"]).pyramid.num_stages == 4
+    with pytest.raises(InterpolationResolutionError, match=r"stage_range=\[0\] needs at least 2"):
+        _ = compose_train(["pyramid.stage_range=[0]"]).pyramid.num_stages
