@@ -2,6 +2,7 @@
 
     python scripts/digits_probe.py name=k2 minutes=8 threads=1 pyramid=stages_2
     python scripts/digits_probe.py name=k2_gs6 load=logs/probe/k2.pt gs=6   # re-score only
+    python scripts/digits_probe.py name=q ckpt=<run>/checkpoints/last.ckpt decision=true
 
 The digits world is rendered and encoded once into memory (no mp4 decoding, no Lightning),
 so a recipe change costs only its training minutes; the same PyramidFlowModule, packed loss,
@@ -11,7 +12,9 @@ Hydra overrides of configs/train.yaml plus these probe keys:
 
     name (required), minutes (5), bs (8), threads (2), n_train (4000), frames (17),
     ema (0.995), videos (64: held-out prompts scored), gs (guidance; null = config),
-    load (an EMA state dict: skip training), out (logs/probe)
+    load (an EMA state dict: skip training), ckpt (a training checkpoint: score it instead),
+    decision (true: also measure which stage decides the digit, see `stage_decision`),
+    out (logs/probe)
 
 Each run appends one JSON line (recipe, steps, samples, digits metrics) to <out>/results.jsonl
 and saves the EMA weights and the first 16 videos (<name>.pt, <name>_videos.npy). Used for the
@@ -35,11 +38,20 @@ ROOT = rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from src.data.digits import iter_specs, random_caption, render_video  # noqa: E402
+from src.data.digits import (  # noqa: E402
+    canonical_caption,
+    iter_specs,
+    random_caption,
+    render_video,
+)
+from src.data.text_features import TextFeatures  # noqa: E402
 from src.eval.digits_bench import score_videos  # noqa: E402
 from src.eval.run import digits_prompts  # noqa: E402
 from src.flow.losses import packed_pyramid_loss  # noqa: E402
 from src.flow.schedules import sample_ratios  # noqa: E402
+from src.models.checkpoint import load_module  # noqa: E402
+from src.sampling.guidance import guided_velocity  # noqa: E402
+from src.sampling.pyramid_sampler import PyramidSampler  # noqa: E402
 from src.utils.optim import lr_factor, param_groups  # noqa: E402
 
 PROBE_KEYS = {
@@ -53,6 +65,8 @@ PROBE_KEYS = {
     "videos": 64,
     "gs": None,
     "load": None,
+    "ckpt": None,
+    "decision": "false",
     "out": "logs/probe",
 }
 
@@ -145,6 +159,49 @@ def score(module, probe: dict) -> tuple[dict, list[np.ndarray]]:
     return score_videos(videos, prompts), videos
 
 
+@torch.no_grad()
+def stage_decision(module, num: int, guidance: float) -> list[dict]:
+    """Which pyramid stage decides the digit: sample held-out prompts with caption A (the
+    prompt) on stages < k and caption B (digit + 5, same colour and direction) on stages >= k,
+    for k = 0..K, and report how often the classified digit is A's or B's. Where the rate of A
+    jumps between k and k + 1, stage k decided the digit. Same seeds and sampler as `score`, so
+    k = K (A throughout) reproduces its digit accuracy on the first `num` prompts."""
+    prompts, specs = digits_prompts(num, 0)
+    other = [canonical_caption((s.digit + 5) % 10, s.color, s.direction) for s in specs]
+    cpu = torch.device("cpu")
+    enc = module.conditioner.encode
+    a, b, u = enc(prompts, cpu), enc(other, cpu), enc([""] * num, cpu)
+    k_max, net = module.schedule.num_stages, module.net.eval()
+    noise = torch.stack(
+        [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
+         for i in range(num)]
+    )  # fmt: skip
+    rows = []
+    for k in range(k_max + 1):
+        feats = [TextFeatures.cat([u, a if st < k else b]) for st in range(k_max)]
+
+        def velocity(z, t, st, feats=feats):
+            return net(z, t, feats[st].tokens, feats[st].mask, feats[st].pooled)
+
+        fn = guided_velocity(velocity, guidance)
+        gens = [torch.Generator().manual_seed(i + 10_007) for i in range(num)]
+        steps = list(module.hparams.sampling["steps"])
+        video = module.decode_latents(
+            PyramidSampler(module.schedule, steps).sample(noise, fn, gens)
+        )
+        video = list(((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte())
+        video = [v.numpy() for v in video]
+        rows.append(
+            {
+                "prompt_until_stage": k,
+                "digit_is_a": score_videos(video, prompts)["digit_acc"],
+                "digit_is_b": score_videos(video, other)["digit_acc"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str]) -> dict:
     probe, overrides = parse(argv)
     torch.set_num_threads(probe["threads"])
@@ -152,14 +209,17 @@ def main(argv: list[str]) -> dict:
     overrides.append(f"video.num_frames={probe['frames']}")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train.yaml", overrides=overrides)
-    module = instantiate(cfg.model)
-    module.configure_model()
-    lat, captions = render_train_set(module, probe["n_train"], probe["frames"])
-    if probe["load"]:
-        module.net.load_state_dict(torch.load(probe["load"], weights_only=True))
-        counts = {"steps": 0, "samples": 0, "train_s": 0}
+    counts = {"steps": 0, "samples": 0, "train_s": 0}
+    if probe["ckpt"]:  # a training run's checkpoint (its own config and fitted PCA)
+        module = load_module(probe["ckpt"])
     else:
-        counts = train(module, cfg, probe, lat, captions)
+        module = instantiate(cfg.model)
+        module.configure_model()
+        lat, captions = render_train_set(module, probe["n_train"], probe["frames"])
+        if probe["load"]:
+            module.net.load_state_dict(torch.load(probe["load"], weights_only=True))
+        else:
+            counts = train(module, cfg, probe, lat, captions)
     t0 = time.time()
     scores, videos = score(module, probe)
     out = Path(probe["out"])
@@ -173,6 +233,9 @@ def main(argv: list[str]) -> dict:
         **{k: round(v, 3) for k, v in scores.items()},
         "sample_s": round(time.time() - t0),
     }
+    if probe["decision"].lower() == "true":
+        gs = module.hparams.sampling["guidance_scale"] if probe["gs"] is None else probe["gs"]
+        row["decision"] = stage_decision(module, min(probe["videos"], 48), float(gs))
     with open(out / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     torch.save(module.net.state_dict(), out / f"{probe['name']}.pt")

@@ -25,8 +25,12 @@ def test_probe_trains_scores_and_rescoring_the_saved_ema_reproduces_it(tmp_path)
         "autoencoder.latent_channels=8", "frames=5", "n_train=16", "videos=4", "bs=4",
         "threads=1", f"out={tmp_path}",
     ]  # fmt: skip
-    row = probe.main(["name=t", "minutes=0.03", *common])
+    row = probe.main(["name=t", "minutes=0.03", "decision=true", *common])
     assert row["steps"] > 0 and row["samples"] == 4 * row["steps"]
+    # the stage-decision sweep (caption A before stage k, B after) with A throughout is the
+    # scored generation itself: same seeds, sampler and guidance, so the same digit accuracy
+    assert [r["prompt_until_stage"] for r in row["decision"]] == [0, 1, 2]
+    assert row["decision"][-1]["digit_is_a"] == row["digit_acc"]
     assert row["videos"] == 4
     assert {"digit_acc", "identity_consistency", "color_acc", "direction_acc"} <= set(row)
     again = probe.main(["name=t_rescored", f"load={tmp_path / 't.pt'}", *common])
