@@ -273,7 +273,9 @@ class PyramidDiT(nn.Module):
         self._blocks_and_head(toks, None, kv=kv)
         kv.key_valid = toks["layout"].key_valid
         kv.num_frames = sum(h.shape[2] for h in history)
-        kv.pooled, kv.mode = pooled, "read"
+        # the caption's adaLN vector needs the text tokens (text_pool), which the cached steps
+        # no longer pass: keep it with the keys/values
+        kv.text_vector, kv.mode = self.text_vector(pooled, context, context_mask), "read"
         return kv
 
     @torch.no_grad()
@@ -286,14 +288,32 @@ class PyramidDiT(nn.Module):
         ctx = x.new_zeros(b, 0, self.context_embedder.in_features)
         mask = torch.zeros(b, 0, dtype=torch.bool, device=x.device)
         toks = self._tokens(
-            [x], [timestep], [ctx], [mask], [kv.pooled], [None], True, frame_offset=kv.num_frames
+            [x], [timestep], [ctx], [mask], [None], [None], True, kv.num_frames, [kv.text_vector]
         )
         return self._blocks_and_head(toks, [x], kv=kv)[0]
 
+    def text_vector(self, pooled, context, context_mask) -> torch.Tensor:
+        """The caption's adaLN vector (B, D): the pooled embedding plus, with text_pool, the
+        learned attention pool of the token features (B, L, Dt) over the valid ones."""
+        c = self.pooled_embedder(pooled)  # (B, D)
+        if self.text_pool is not None:
+            c = c + self.text_pool(context, context_mask)
+        return c
+
     def _tokens(
-        self, xs, timesteps, contexts, context_masks, pooled, histories, causal, frame_offset=0
+        self,
+        xs,
+        timesteps,
+        contexts,
+        context_masks,
+        pooled,
+        histories,
+        causal,
+        frame_offset=0,
+        text_vectors=None,
     ) -> dict:
-        """Embed and order all tokens of a packed row; see forward_packed for the arguments."""
+        """Embed and order all tokens of a packed row; see forward_packed for the arguments.
+        text_vectors: per segment, a precomputed `text_vector` (the KV-cached steps)."""
         p, dev = self.patch_size, xs[0].device
         n_seg = len(xs)
         imgs, txts, pos, frames, c_cur, c_pre = [], [], [], [], [], []
@@ -302,9 +322,7 @@ class PyramidDiT(nn.Module):
             zip(xs, timesteps, contexts, context_masks, pooled, histories)
         ):
             b, hh, ww = x.shape[0], x.shape[3] // p, x.shape[4] // p  # current token grid
-            c_pool = self.pooled_embedder(pl)  # (B, D)
-            if self.text_pool is not None:
-                c_pool = c_pool + self.text_pool(ctx, cm)
+            c_pool = self.text_vector(pl, ctx, cm) if text_vectors is None else text_vectors[s]
             c_cur.append(self.time_embedder(timestep_embedding(t)) + c_pool)
             if self.history_timestep == "clean":
                 c_pre.append(self.time_embedder(timestep_embedding(torch.zeros_like(t))) + c_pool)

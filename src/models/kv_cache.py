@@ -23,7 +23,7 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self.key_valid: torch.Tensor | None = None  # (B, Np)
         self.num_frames = 0  # history frames: the current frame's temporal index
-        self.pooled: torch.Tensor | None = None  # (B, Dp)
+        self.text_vector: torch.Tensor | None = None  # (B, D) the caption's adaLN vector
         self.mode = "write"
         self._layer = 0
 
