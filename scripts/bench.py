@@ -68,7 +68,9 @@ class Setup:
         self.schedule = build_stage_schedule(stage_range)
         self.path = PyramidPath(self.schedule)
         c, t, h, w = args.latent
-        self.net_cfg = dict(dit_preset(args.net), in_channels=c, text_dim=384, pooled_dim=384)
+        self.net_cfg = dict(
+            dit_preset(args.net), in_channels=c, text_dim=384, pooled_dim=384, text_pool="none"
+        )  # the paper's DiT for every size: bench measures the pyramid, not the text pool
         self.net = PyramidDiT(**self.net_cfg)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
         self.lat = torch.randn(args.batch, c, t, h, w)

@@ -175,3 +175,12 @@ def test_stage_count_is_derived_from_the_stage_range():
     assert compose_train(["pyramid=stages_4"]).pyramid.num_stages == 4
     with pytest.raises(InterpolationResolutionError, match=r"stage_range=\[0\] needs at least 2"):
         _ = compose_train(["pyramid.stage_range=[0]"]).pyramid.num_stages
+
+
+def test_text_pool_is_the_digits_demo_choice_and_the_paper_dit_keeps_none():
+    """The attention text pool is on for the digits recipes (dit_s) and off for the paper's
+    sizes, whose released weights have no pool, and for the tiny test net."""
+    assert compose_train([]).model.net.text_pool == "attention"
+    assert compose_train(["experiment=digits_ar"]).model.net.text_pool == "attention"
+    for exp in ("tiny", "pyramid_384p", "pyramid_768p", "miniflux_384p", "pyramid_image"):
+        assert compose_train([f"experiment={exp}"]).model.net.text_pool == "none", exp
