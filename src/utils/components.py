@@ -68,14 +68,13 @@ def build_component(
     group: str,
     legacy: Mapping[str, str] | None = None,
     default: str | None = None,
-    **overrides,
 ):
-    """Build the node's class (checked, see `component_class`) with its other keys (plus
-    `overrides`) as keyword arguments, as `hydra.utils.instantiate` would; a legacy `name` key
-    is dropped. Called directly rather than through instantiate so a constructor's own one-line
-    ValueError reaches the user unwrapped."""
+    """Build the node's class (checked, see `component_class`) with its other keys as keyword
+    arguments, as `hydra.utils.instantiate` would; a legacy `name` key is dropped. Called
+    directly rather than through instantiate so a constructor's own one-line ValueError
+    reaches the user unwrapped."""
     cls = component_class(cfg, base, group, legacy, default)
-    kwargs = {k: v for k, v in cfg.items() if k not in ("_target_", "name")} | overrides
+    kwargs = {k: v for k, v in cfg.items() if k not in ("_target_", "name")}
     try:
         return cls(**kwargs)
     except TypeError as err:  # an unknown or missing argument: say which component
