@@ -45,6 +45,7 @@ from src.data.digits import (  # noqa: E402
     render_video,
 )
 from src.data.text_features import TextFeatures  # noqa: E402
+from src.data.video_io import to_uint8_frames  # noqa: E402
 from src.eval.digits_bench import score_videos  # noqa: E402
 from src.eval.run import digits_prompts  # noqa: E402
 from src.flow.losses import packed_pyramid_loss  # noqa: E402
@@ -154,8 +155,7 @@ def score(module, probe: dict) -> tuple[dict, list[np.ndarray]]:
     videos = []
     for i in range(0, len(prompts), 16):
         v = module.generate(prompts[i : i + 16], seed=i, guidance_scale=gs)
-        v = ((v.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        videos += list(v)  # (T, H, W, 3) uint8 each
+        videos += [to_uint8_frames(x) for x in v]  # (T, H, W, 3) uint8 each
     return score_videos(videos, prompts), videos
 
 
@@ -176,6 +176,7 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
         [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
          for i in range(num)]
     )  # fmt: skip
+    sampler = PyramidSampler(module.schedule, list(module.hparams.sampling["steps"]))
     rows = []
     for k in range(k_max + 1):
         feats = [TextFeatures.cat([u, a if st < k else b]) for st in range(k_max)]
@@ -184,13 +185,10 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
             return net(z, t, feats[st].tokens, feats[st].mask, feats[st].pooled)
 
         fn = guided_velocity(velocity, guidance)
-        gens = [torch.Generator().manual_seed(i + 10_007) for i in range(num)]
-        steps = list(module.hparams.sampling["steps"])
-        video = module.decode_latents(
-            PyramidSampler(module.schedule, steps).sample(noise, fn, gens)
-        )
-        video = list(((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte())
-        video = [v.numpy() for v in video]
+        gens = [torch.Generator().manual_seed(i + 10_007) for i in range(num)]  # fresh per k
+        video = [
+            to_uint8_frames(v) for v in module.decode_latents(sampler.sample(noise, fn, gens))
+        ]
         rows.append(
             {
                 "prompt_until_stage": k,

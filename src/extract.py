@@ -179,7 +179,6 @@ def extract(cfg: DictConfig) -> dict:
         "autoencoder": ae.describe(),
         "autoencoder_config": OmegaConf.to_container(cfg.autoencoder, resolve=True),
         "text_encoder": {
-            "target": cfg.text_encoder._target_,
             "config": OmegaConf.to_container(cfg.text_encoder, resolve=True),
             "dim": te.dim,
             "pooled_dim": te.pooled_dim,

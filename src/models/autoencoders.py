@@ -28,7 +28,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from src.utils.components import build_component, component_class
+from src.utils.components import ComponentGroup
 
 __all__ = [
     "LatentAutoencoder",
@@ -293,12 +293,15 @@ LEGACY_AUTOENCODERS = {
 }
 
 
+AUTOENCODERS = ComponentGroup(LatentAutoencoder, "autoencoder", LEGACY_AUTOENCODERS)
+
+
 def autoencoder_class(cfg: dict) -> type[LatentAutoencoder]:
     """The LatentAutoencoder subclass a config node (or a checkpoint's hparams) names."""
-    return component_class(cfg, LatentAutoencoder, "autoencoder", LEGACY_AUTOENCODERS)
+    return AUTOENCODERS.cls(cfg)
 
 
 def build_autoencoder(**cfg) -> LatentAutoencoder:
     """Build an autoencoder from a config node such as ``configs/autoencoder/pca.yaml``:
     ``_target_`` (a LatentAutoencoder subclass; or a legacy ``name``) and its arguments."""
-    return build_component(cfg, LatentAutoencoder, "autoencoder", LEGACY_AUTOENCODERS)
+    return AUTOENCODERS.build(cfg)

@@ -9,15 +9,18 @@ from pathlib import Path
 import yaml
 
 from src.models.dit import PyramidDiT
-from src.utils.components import build_component
+from src.utils.components import ComponentGroup
 
 NET_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model" / "net"
+
+
+NETS = ComponentGroup(PyramidDiT, "model.net", default="src.models.dit.PyramidDiT")
 
 
 def build_net(**cfg) -> PyramidDiT:
     """The DiT a `model.net` node (or a checkpoint's `net` hparams) describes: its `_target_`, a
     PyramidDiT subclass (PyramidDiT itself for checkpoints that predate `_target_`)."""
-    return build_component(cfg, PyramidDiT, "model.net", default="src.models.dit.PyramidDiT")
+    return NETS.build(cfg)
 
 
 def dit_preset(name: str) -> dict:

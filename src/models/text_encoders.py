@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.data.text_features import TextFeatures
-from src.utils.components import build_component, component_class
+from src.utils.components import ComponentGroup
 
 __all__ = [
     "HashTextEncoder",
@@ -339,12 +339,15 @@ LEGACY_TEXT_ENCODERS = {
 }
 
 
+TEXT_ENCODERS = ComponentGroup(TextEncoder, "text_encoder", LEGACY_TEXT_ENCODERS)
+
+
 def text_encoder_class(cfg: dict) -> type[TextEncoder]:
     """The TextEncoder subclass a config node (or a checkpoint's hparams) names."""
-    return component_class(cfg, TextEncoder, "text_encoder", LEGACY_TEXT_ENCODERS)
+    return TEXT_ENCODERS.cls(cfg)
 
 
 def build_text_encoder(**cfg) -> TextEncoder:
     """Build a text encoder from a config node such as ``configs/text_encoder/minilm.yaml``:
     ``_target_`` (a TextEncoder subclass; or a legacy ``name``) and its arguments."""
-    return build_component(cfg, TextEncoder, "text_encoder", LEGACY_TEXT_ENCODERS)
+    return TEXT_ENCODERS.build(cfg)
