@@ -3,6 +3,7 @@
     python scripts/digits_probe.py name=k2 minutes=8 threads=1 pyramid=stages_2
     python scripts/digits_probe.py name=k2_gs6 load=logs/probe/k2.pt gs=6   # re-score only
     python scripts/digits_probe.py name=q ckpt=<run>/checkpoints/last.ckpt decision=true
+    python scripts/digits_probe.py name=o init=<run>/checkpoints/last.ckpt oracle=4 minutes=25
 
 The digits world is rendered and encoded once into memory (no mp4 decoding, no Lightning),
 so a recipe change costs only its training minutes; the same PyramidFlowModule, packed loss,
@@ -14,7 +15,9 @@ Hydra overrides of configs/train.yaml plus these probe keys:
     ema (0.995), videos (64: held-out prompts scored), gs (guidance; null = config),
     load (an EMA state dict: skip training), ckpt (a training checkpoint: score it instead),
     decision (true: also measure which stage decides the digit, see `stage_decision`),
-    out (logs/probe)
+    init (a training checkpoint to continue training from: its EMA weights and fitted PCA),
+    oracle (0; s > 0: a diagnostic that adds s * one-hot(digit) to the pooled caption vector
+    in training and sampling, so the digit reaches adaLN as a class label would), out (logs/probe)
 
 Each run appends one JSON line (recipe, steps, samples, digits metrics) to <out>/results.jsonl
 and saves the EMA weights and the first 16 videos (<name>.pt, <name>_videos.npy). Used for the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,6 +72,8 @@ PROBE_KEYS = {
     "load": None,
     "ckpt": None,
     "decision": "false",
+    "init": None,
+    "oracle": 0.0,
     "out": "logs/probe",
 }
 
@@ -89,24 +95,52 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     return probe, overrides
 
 
-def render_train_set(module, n: int, frames: int) -> tuple[torch.Tensor, list[str]]:
+def render_train_set(module, n: int, frames: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Training videos of the digits world (same specs and caption grammar as the shards),
-    PCA-fitted and encoded: normalised latents (n, C, t, h, w) and their captions."""
+    PCA-fitted (unless already fitted) and encoded: normalised latents (n, C, t, h, w), their
+    captions and their digits (n,)."""
     rng = np.random.default_rng(0)
-    videos, captions = [], []
+    videos, captions, digits = [], [], []
     for spec in iter_specs(n, "train", seed=0, num_frames=frames):
         videos.append(torch.from_numpy(render_video(spec, num_frames=frames)))
         captions.append(random_caption(spec.digit, spec.color, spec.direction, rng))
+        digits.append(spec.digit)
     video = torch.stack(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (n, 3, T, H, W)
     ae = module.autoencoder
-    if getattr(ae, "requires_fit", False):
+    if getattr(ae, "requires_fit", False) and not ae.is_fitted:
         ae.fit(video[: min(n, 512)])
     with torch.no_grad():
         lat = torch.cat([ae.encode(video[i : i + 256], sample=False) for i in range(0, n, 256)])
-    return lat, captions
+    return lat, captions, torch.tensor(digits)
 
 
-def train(module, cfg, probe: dict, lat: torch.Tensor, captions: list[str]) -> dict:
+def oracle_code(digits: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
+    """The oracle diagnostic's class code: scale * one-hot(digit) in the first ten of `dim`
+    pooled-vector channels, (B,) -> (B, dim); a digit of -1 (the empty prompt) gets zeros."""
+    code = torch.zeros(len(digits), dim)
+    keep = digits >= 0
+    code[keep.nonzero()[:, 0], digits[keep]] = scale
+    return code
+
+
+def add_oracle_to_sampling(module, scale: float) -> None:
+    """Make the module's conditioner add the oracle code of canonical prompts ("... digit d
+    ...") to their pooled vector, so `generate` and `stage_decision` sample with it."""
+    encode = module.conditioner.encode
+
+    def encode_with_oracle(prompts, device, *args):
+        f = encode(prompts, device, *args)
+        digits = [re.search(r"digit (\d)", p) for p in prompts]
+        d = torch.tensor([int(m.group(1)) if m else -1 for m in digits])
+        code = oracle_code(d, f.pooled.shape[1], scale).to(f.pooled)
+        return TextFeatures(f.tokens, f.mask, f.pooled + code)
+
+    module.conditioner.encode = encode_with_oracle
+
+
+def train(
+    module, cfg, probe: dict, lat: torch.Tensor, captions: list[str], digits: torch.Tensor
+) -> dict:
     """Train module.net for `minutes` of wall time; returns counts. module.net becomes the EMA."""
     net, o, bs = module.net, cfg.model.optim, probe["bs"]
     prompts = sorted(set(captions))
@@ -118,6 +152,7 @@ def train(module, cfg, probe: dict, lat: torch.Tensor, captions: list[str]) -> d
     )
     ema = copy.deepcopy(net).requires_grad_(False)
     ratios = list(cfg.model.pyramid.stage_sample_ratios)
+    scale = float(probe["oracle"])
     budget, step, t0 = probe["minutes"] * 60.0, 0, time.time()
     while (elapsed := time.time() - t0) < budget:
         f = lr_factor(step, elapsed / budget, o.warmup_steps, o.warmup_start_factor, o.schedule,
@@ -127,11 +162,14 @@ def train(module, cfg, probe: dict, lat: torch.Tensor, captions: list[str]) -> d
         idx = torch.randint(0, len(lat), (bs,))
         ci = cap_idx[idx].clone()
         ci[torch.rand(bs) < cfg.model.cfg_dropout] = len(prompts)  # the empty prompt
-        x = lat[idx]
+        x, pooled = lat[idx], feats.pooled[ci]
+        if scale:
+            pooled = pooled + oracle_code(digits[idx].masked_fill(ci == len(prompts), -1),
+                                          pooled.shape[1], scale)  # fmt: skip
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses, _ = packed_pyramid_loss(
                 net, module.path, ratios, x, torch.randn_like(x), sample_ratios(bs),
-                feats.tokens[ci], feats.mask[ci], feats.pooled[ci],
+                feats.tokens[ci], feats.mask[ci], pooled,
             )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         losses.mean().backward()
@@ -211,13 +249,18 @@ def main(argv: list[str]) -> dict:
     if probe["ckpt"]:  # a training run's checkpoint (its own config and fitted PCA)
         module = load_module(probe["ckpt"])
     else:
-        module = instantiate(cfg.model)
-        module.configure_model()
-        lat, captions = render_train_set(module, probe["n_train"], probe["frames"])
+        if probe["init"]:  # continue a training run: its EMA weights, config and fitted PCA
+            module = load_module(probe["init"]).train()
+        else:
+            module = instantiate(cfg.model)
+            module.configure_model()
+        lat, captions, digits = render_train_set(module, probe["n_train"], probe["frames"])
         if probe["load"]:
             module.net.load_state_dict(torch.load(probe["load"], weights_only=True))
         else:
-            counts = train(module, cfg, probe, lat, captions)
+            counts = train(module, cfg, probe, lat, captions, digits)
+    if float(probe["oracle"]):
+        add_oracle_to_sampling(module, float(probe["oracle"]))
     t0 = time.time()
     scores, videos = score(module, probe)
     out = Path(probe["out"])

@@ -47,3 +47,56 @@ def test_probe_refuses_arguments_that_are_not_key_value():
         probe.parse(["minutes"])
     with pytest.raises(SystemExit, match="name= is required"):
         probe.parse(["minutes=1"])
+
+
+def test_oracle_code_is_a_scaled_one_hot_of_the_digit_and_zero_for_the_empty_prompt():
+    import torch
+
+    probe = _probe()
+    code = probe.oracle_code(torch.tensor([3, -1, 0]), 16, 2.5)
+    assert code.shape == (3, 16)
+    assert code[0, 3] == 2.5 and code[0].abs().sum() == 2.5
+    assert code[1].abs().sum() == 0  # the unconditional (dropped) caption carries no class
+    assert code[2, 0] == 2.5 and code[2].abs().sum() == 2.5
+
+
+def test_oracle_sampling_adds_the_code_to_canonical_prompts_only():
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    probe = _probe()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=["model/net=dit_tiny", "text_encoder=hash"])
+    module = instantiate(cfg.model)
+    prompts = ["a red digit 7 moving left", ""]
+    before = module.conditioner.encode(prompts, torch.device("cpu"))
+    probe.add_oracle_to_sampling(module, 3.0)
+    after = module.conditioner.encode(prompts, torch.device("cpu"))
+    assert torch.equal(after.tokens, before.tokens) and torch.equal(after.mask, before.mask)
+    diff = after.pooled - before.pooled
+    assert diff[0, 7] == 3.0 and diff[0].abs().sum() == 3.0
+    assert diff[1].abs().sum() == 0
+
+
+def test_a_fitted_autoencoder_is_not_refitted_when_continuing_a_run():
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    probe = _probe()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            "train.yaml",
+            overrides=["model/net=dit_tiny", "text_encoder=hash", "autoencoder.latent_channels=8"],
+        )
+    module = instantiate(cfg.model)
+    module.configure_model()
+    probe.render_train_set(module, 8, 5)  # fits the PCA on these videos
+    state = {k: v.clone() for k, v in module.autoencoder.state_dict().items()}
+    assert any(k.endswith("components") for k in state)  # the fitted PCA basis is compared
+    lat, captions, digits = probe.render_train_set(module, 16, 5)  # other videos: no refit
+    for k, v in module.autoencoder.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert len(lat) == len(captions) == len(digits) == 16
+    assert digits.min() >= 0 and digits.max() <= 9
