@@ -63,9 +63,9 @@ eval: $(STAMP) ## evaluate CKPT=... on SUITE=digits: videos + report.json/report
 	$(BIN)/python src/eval.py ckpt_path=$(CKPT) suite=$(SUITE) $(ARGS)
 
 ABLATIONS ?= stages corrective coupled temporal ratios
-ablations: data ## digits ablation sweeps at equal FLOPs (ABLATIONS="stages ...") + reports in docs/ablations/
+ablations: data ## digits ablation sweeps at equal FLOPs, 3 seeds, resumable (ABLATIONS="stages ...") + reports in docs/ablations/
 	@for a in $(ABLATIONS); do \
-	  d=logs/train/multiruns/ablation_$${a}_$$(date +%Y-%m-%d_%H-%M-%S); \
+	  d=logs/train/multiruns/ablation_$$a; \
 	  $(BIN)/python src/train.py -m experiment=ablation_$$a hydra.sweep.dir=$$d $(ARGS) && \
 	  $(BIN)/python src/report.py sweep_dir=$$d name=$$a || exit 1; \
 	done

@@ -1,15 +1,18 @@
-"""Collect a Hydra multirun (an ablation sweep) into a Markdown table and PNG plots.
+"""Collect Hydra multiruns (ablation sweeps) into a Markdown table and PNG plots, with the
+mean and spread over seeds.
 
-    python src/report.py sweep_dir=logs/train/multiruns/<time> name=stages
+    python src/report.py sweep_dir=logs/train/multiruns/ablation_stages name=stages
 
 For every job folder (``<sweep>/<n>/``) it reads the overrides (``.hydra/overrides.yaml``), the
-CSV metrics (``csv/metrics.csv``) and ``FAILED.json`` (a failed job, recorded by src/train.py).
-The variant label is the job's overrides minus those shared by every job. Quality is the mean
-of the digits metrics logged by the SampleVideo callback (``val/digits_*``); every logged value
-is placed on the cumulative-training-FLOPs axis via ``perf/cumulative_flops`` of its step.
-"Reached the baseline" is the first cumulative FLOP count at which a variant's quality is at
-least the baseline's final quality, and the compute factor is the baseline's total FLOPs
-divided by it (a single run per variant: read it as an indication, not a confidence interval).
+CSV metrics (``csv/metrics.csv``), ``FAILED.json`` (a failed job, recorded by src/train.py) and,
+where `make eval` was run on it, ``eval/digits/report.json``. A variant is a job's overrides
+minus those shared by every job and minus ``seed=``: the jobs of one variant that differ only in
+the seed are its seeds. Every logged value is placed on the cumulative-training-FLOPs axis via
+``perf/cumulative_flops`` of its step, and each metric is reported per variant as the mean over
+its seeds with the spread (min-max). "Reached the baseline" is, per seed, the first cumulative
+FLOP count at which the seed's target metric (``target``, default digit accuracy) is at least
+the baseline variant's final mean; the compute factor is the baseline's FLOPs divided by the
+mean of those counts over the seeds that reached it.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from omegaconf import DictConfig
 
 rootutils.setup_root(__file__, indicator=".project-root", pythonpath=True)
 
+SEED_PREFIX = "seed="
+
 
 @dataclass
 class Job:
     path: Path
     overrides: list[str]
-    label: str = ""
     failed: str | None = None
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # flops, value
     steps: int = 0
@@ -43,8 +47,13 @@ class Job:
         c = self.curves.get(key)
         return c[-1][1] if c else None
 
+    @property
+    def seed(self) -> str:
+        seeds = [o[len(SEED_PREFIX) :] for o in self.overrides if o.startswith(SEED_PREFIX)]
+        return seeds[0] if seeds else "-"
 
-def read_job(path: Path, quality_metrics: list[str]) -> Job:
+
+def read_job(path: Path) -> Job:
     over = path / ".hydra" / "overrides.yaml"
     job = Job(path, yaml.safe_load(over.read_text()) if over.is_file() else [])
     if (path / "FAILED.json").is_file():
@@ -75,98 +84,158 @@ def read_job(path: Path, quality_metrics: list[str]) -> Job:
         before = [s for s in steps if s <= step]
         return flops_at[before[-1]] if before else 0.0
 
-    keys = ["val/loss", "val/blockiness"] + [f"val/digits_{m}" for m in quality_metrics]
     latest: dict[str, dict[int, float]] = {}  # a rerun/resume appends rows: the last one wins
     for r in rows:
-        for k in keys:
-            if r.get(k):
-                latest.setdefault(k, {})[int(r["step"])] = float(r[k])
+        for k, v in r.items():
+            if v and (k == "val/loss" or k.startswith(("val/digits_", "val/blockiness"))):
+                latest.setdefault(k, {})[int(r["step"])] = float(v)
     for k, by_step in latest.items():
         job.curves[k] = [(flops_of(st), v) for st, v in sorted(by_step.items())]
-    quality: dict[float, list[float]] = {}
-    for m in quality_metrics:
-        for x, v in job.curves.get(f"val/digits_{m}", []):
-            quality.setdefault(x, []).append(v)
-    job.curves["quality"] = [
-        (x, sum(v) / len(v)) for x, v in sorted(quality.items()) if len(v) == len(quality_metrics)
-    ]
     return job
 
 
-def label_jobs(jobs: list[Job]) -> None:
+def spread(values: list[float]) -> tuple[float, float, float] | None:
+    """(mean, min, max) of the values, or None when there are none."""
+    return (sum(values) / len(values), min(values), max(values)) if values else None
+
+
+@dataclass
+class Variant:
+    """The jobs (seeds) that differ only in their seed."""
+
+    label: str
+    jobs: list[Job]
+
+    @property
+    def ok(self) -> list[Job]:
+        return [j for j in self.jobs if not j.failed]
+
+    def final(self, key: str) -> tuple[float, float, float] | None:
+        """Mean, min and max over the finished seeds of the last logged value of `key`."""
+        return spread([v for j in self.ok if (v := j.last(key)) is not None])
+
+    def evaluated(self, key: str) -> tuple[float, float, float] | None:
+        """Mean, min and max over the seeds' `make eval` scores (where run) of `key`."""
+        return spread(
+            [s[key] for j in self.ok if (s := j.eval_scores) and isinstance(s.get(key), float)]
+        )
+
+    def band(self, key: str) -> list[tuple[float, float, float, float]]:
+        """(FLOPs, mean, min, max) per evaluation point, over the seeds that logged it: the
+        seeds of one variant evaluate at the same steps, hence the same FLOP counts."""
+        curves = [j.curves[key] for j in self.ok if j.curves.get(key)]
+        n = min((len(c) for c in curves), default=0)
+        rows = []
+        for i in range(n):
+            xs, ys = zip(*(c[i] for c in curves))
+            rows.append((sum(xs) / len(xs), *spread(list(ys))))
+        return rows
+
+
+def group_variants(jobs: list[Job]) -> list[Variant]:
+    """Label every job by its own overrides (those not shared by all jobs, seed excluded) and
+    group the jobs with equal labels, in order of first appearance."""
     shared = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
+    groups: dict[str, list[Job]] = {}
     for j in jobs:
-        own = [o for o in j.overrides if o not in shared]
-        j.label = " ".join(own) or f"job {j.path.name}"
+        own = [o for o in j.overrides if o not in shared and not o.startswith(SEED_PREFIX)]
+        label = " ".join(own) or ("(all jobs)" if len({x.seed for x in jobs}) > 1 else j.path.name)
+        groups.setdefault(label, []).append(j)
+    return [Variant(label, js) for label, js in groups.items()]
 
 
-def reached(job: Job, target: float) -> float | None:
-    """Cumulative FLOPs at which the job's quality first reaches `target`."""
-    return next((x for x, v in job.curves.get("quality", []) if v >= target), None)
+def reached(job: Job, key: str, target: float) -> float | None:
+    """Cumulative FLOPs at which the job's `key` first reaches `target`."""
+    return next((x for x, v in job.curves.get(key, []) if v >= target), None)
 
 
 def fmt(v: float | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(jobs: list[Job], base: Job | None, quality_metrics: list[str]) -> str:
-    head = ["variant", "status", "steps", "train FLOPs", "samples/s", "quality"]
-    head += quality_metrics + ["blockiness", "val/loss", "reached baseline at", "compute factor"]
+def fmt_spread(s: tuple[float, float, float] | None, spec: str = ".3f") -> str:
+    """'mean (min-max)', or just the mean for a single seed."""
+    if s is None:
+        return "-"
+    mean, lo, hi = s
+    return fmt(mean, spec) if lo == hi else f"{mean:{spec}} ({lo:{spec}}-{hi:{spec}})"
+
+
+def table(variants: list[Variant], base: Variant | None, metrics: list[str], target: str) -> str:
+    key = f"val/digits_{target}"
+    head = ["variant", "seeds", "steps", "train FLOPs", "samples/s", *metrics]
+    head += ["blockiness", "val/loss", f"reached baseline {target} at", "compute factor"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    target = base.last("quality") if base else None
-    for j in jobs:
-        if j.failed:
-            error = " ".join(j.failed.split()).replace("|", "/")[:160]  # one table cell
-            cells = [j.label, f"failed: {error}"] + ["-"] * (len(head) - 2)
+    goal = base.final(key) if base else None
+    for v in variants:
+        ok, bad = v.ok, [j for j in v.jobs if j.failed]
+        seeds = f"{len(ok)}/{len(v.jobs)}"
+        if bad:
+            error = " ".join(bad[0].failed.split()).replace("|", "/")[:160]  # one table cell
+            seeds += f"; failed (seed {bad[0].seed}): {error}"
+        if not ok:
+            lines.append("| " + " | ".join([v.label, seeds] + ["-"] * (len(head) - 2)) + " |")
+            continue
+        if v is base:
+            reach, factor = "(baseline)", "-"
+        elif goal is None:
+            reach, factor = "-", "-"
         else:
-            at = reached(j, target) if target is not None and j is not base else None
-            factor = base.flops / at if at else None
-            reach = "(baseline)" if j is base else f"{at:.3g}" if at else "not reached"
-            cells = [
-                j.label,
-                "ok",
-                str(j.steps),
-                f"{j.flops:.3g}",
-                fmt(j.samples_per_s, ".1f"),
-                fmt(j.last("quality")),
-                *[fmt(j.last(f"val/digits_{m}")) for m in quality_metrics],
-                fmt(j.last("val/blockiness")),
-                fmt(j.last("val/loss"), ".4f"),
-                reach,
-                f"{factor:.2f}x" if factor else "-",
-            ]
+            at = [x for j in ok if (x := reached(j, key, goal[0])) is not None]
+            reach = f"{len(at)}/{len(ok)} seeds"
+            reach += f": {fmt_spread(spread(at), '.3g')}" if at else ""
+            factor = f"{base_flops(base) / (sum(at) / len(at)):.2f}x" if at else "-"
+        cells = [
+            v.label,
+            seeds,
+            fmt_spread(spread([float(j.steps) for j in ok]), ".0f"),
+            fmt(base_flops(v), ".3g"),
+            fmt_spread(spread([j.samples_per_s for j in ok if j.samples_per_s]), ".1f"),
+            *[fmt_spread(v.final(f"val/digits_{m}")) for m in metrics],
+            fmt_spread(v.final("val/blockiness")),
+            fmt_spread(v.final("val/loss"), ".4f"),
+            reach,
+            factor,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def eval_table(jobs: list[Job], quality_metrics: list[str]) -> str | None:
+def base_flops(v: Variant) -> float:
+    """Mean training FLOPs of the variant's finished seeds."""
+    return sum(j.flops for j in v.ok) / max(len(v.ok), 1)
+
+
+def eval_table(variants: list[Variant], metrics: list[str]) -> str | None:
     """The final checkpoints on `make eval`'s digits suite, where it was run."""
-    rows = [j for j in jobs if j.eval_scores]
+    rows = [v for v in variants if any(j.eval_scores for j in v.ok)]
     if not rows:
         return None
-    cols = [*quality_metrics, "blockiness", "blockiness_4", "fvd"]
-    lines = ["| variant | quality | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-    for j in rows:
-        s = j.eval_scores
-        q = sum(s[m] for m in quality_metrics) / len(quality_metrics)
-        vals = [fmt(s.get(c)) if isinstance(s.get(c), float) else "-" for c in cols]
-        lines.append(f"| {j.label} | {q:.3f} | " + " | ".join(vals) + " |")
+    cols = [*metrics, "blockiness", "blockiness_4", "fvd"]
+    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for v in rows:
+        n = sum(1 for j in v.ok if j.eval_scores)
+        vals = [fmt_spread(v.evaluated(c), ".4f" if c == "fvd" else ".3f") for c in cols]
+        lines.append(f"| {v.label} | {n} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
-def plot(jobs: list[Job], key: str, ylabel: str, path: Path) -> bool:
+def plot(variants: list[Variant], key: str, ylabel: str, path: Path) -> bool:
+    """Mean over seeds against cumulative FLOPs, with the min-max band where seeds differ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = [j for j in jobs if not j.failed and j.curves.get(key)]
+    drawn = [(v, b) for v in variants if (b := v.band(key))]
     if not drawn:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for j in drawn:
-        xs, ys = zip(*j.curves[key])
-        ax.plot(xs, ys, marker="o", markersize=3, label=j.label)
+    for v, b in drawn:
+        xs, mean, lo, hi = zip(*b)
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{v.label} (n={len(v.ok)})")
+        if len(v.ok) > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("cumulative training FLOPs")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -195,30 +264,39 @@ def job_dirs(sweep: Path) -> list[Path]:
     return dirs
 
 
+PLOTS = {  # file name: (logged key, axis label)
+    "digit_acc.png": ("val/digits_digit_acc", "digit accuracy"),
+    "direction_acc.png": ("val/digits_direction_acc", "direction accuracy"),
+    "persistence.png": ("val/digits_persistence", "persistence"),
+    "identity.png": ("val/digits_identity_consistency", "identity consistency"),
+    "blockiness.png": ("val/blockiness", "latent blockiness (2x2)"),
+    "val_loss.png": ("val/loss", "validation loss"),
+}
+
+
 def report(cfg: DictConfig) -> dict:
     sweeps = [Path(s) for s in ([cfg.sweep_dir] if cfg.sweep_dir else []) + list(cfg.sweep_dirs)]
     if not sweeps:
-        raise ValueError("sweep_dir is not set; fix: sweep_dir=logs/train/multiruns/<time>")
-    qm = list(cfg.quality_metrics)
-    jobs = [read_job(d, qm) for s in sweeps for d in job_dirs(s)]
-    label_jobs(jobs)
-    ok = [j for j in jobs if not j.failed]
-    base = next((j for j in ok if j.label == cfg.baseline), ok[0] if ok else None)
+        raise ValueError("sweep_dir is not set; fix: sweep_dir=logs/train/multiruns/<name>")
+    metrics, target = list(cfg.metrics), str(cfg.target)
+    if target not in metrics:
+        raise ValueError(f"target={target!r} is not one of metrics={metrics}; fix: add it")
+    jobs = [read_job(d) for s in sweeps for d in job_dirs(s)]
+    variants = group_variants(jobs)
+    with_ok = [v for v in variants if v.ok]
+    base = next((v for v in with_ok if v.label == cfg.baseline), with_ok[0] if with_ok else None)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "quality.png": ("quality", "quality (mean digits metrics)"),
-        "blockiness.png": ("val/blockiness", "latent blockiness"),
-        "val_loss.png": ("val/loss", "validation loss"),
-    }
-    drawn = [name for name, (k, y) in plots.items() if plot(jobs, k, y, out / name)]
+    drawn = [name for name, (k, y) in PLOTS.items() if plot(variants, k, y, out / name)]
     md = [
         f"# Ablation report: {cfg.name}",
         "",
         "Sweeps: " + ", ".join(f"`{s}`" for s in sweeps),
-        f"Baseline: `{base.label if base else '-'}`; quality = mean of {', '.join(qm)}.",
+        f"Baseline: `{base.label if base else '-'}`. Each cell: the mean over a variant's "
+        "seeds of its last evaluation, with the min-max over seeds in brackets; the FLOPs at "
+        f"which each seed first reached the baseline's final mean {target}.",
         "",
-        table(jobs, base, qm),
+        table(variants, base, metrics, target),
         "",
         *(
             [
@@ -227,7 +305,7 @@ def report(cfg: DictConfig) -> dict:
                 et,
                 "",
             ]
-            if (et := eval_table(jobs, qm))
+            if (et := eval_table(variants, metrics))
             else []
         ),
         *[f"![{n}]({n})" for n in drawn],
@@ -235,7 +313,12 @@ def report(cfg: DictConfig) -> dict:
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md[:6]))
     print(f"wrote {out / 'report.md'} and {', '.join(drawn) or 'no plots'}")
-    return {"jobs": len(jobs), "failed": sum(1 for j in jobs if j.failed), "out": str(out)}
+    return {
+        "jobs": len(jobs),
+        "variants": len(variants),
+        "failed": sum(1 for j in jobs if j.failed),
+        "out": str(out),
+    }
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="report.yaml")

@@ -151,8 +151,14 @@ def record_failure(exn: BaseException) -> Path:
 def main(cfg: DictConfig) -> float | None:
     extras(cfg)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    key = cfg.get("optimized_metric", "val/loss")
+    done = job_dir / "DONE.json"
+    if multirun and cfg.get("skip_finished") and done.is_file():  # a resumed sweep
+        log.info(f"{job_dir} finished before (DONE.json): skipped (skip_finished=true)")
+        return json.loads(done.read_text())["metrics"].get(key)
     if multirun and rank_zero_only.rank == 0:  # a rerun job starts without its old failure
-        (Path(HydraConfig.get().runtime.output_dir) / "FAILED.json").unlink(missing_ok=True)
+        (job_dir / "FAILED.json").unlink(missing_ok=True)
     try:
         metrics = train(cfg)
     except Exception as exn:
@@ -161,7 +167,10 @@ def main(cfg: DictConfig) -> float | None:
         out = record_failure(exn)  # a failing job must not abort the rest of a sweep
         log.error(f"job failed, sweep continues: {type(exn).__name__}: {exn} ({out})")
         return None
-    return metrics.get(cfg.get("optimized_metric", "val/loss"))
+    if multirun and cfg.get("train", True) and rank_zero_only.rank == 0:
+        done.write_text(json.dumps({"overrides": list(HydraConfig.get().overrides.task),
+                                    "metrics": metrics}, indent=1))  # fmt: skip
+    return metrics.get(key)
 
 
 if __name__ == "__main__":

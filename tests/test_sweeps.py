@@ -32,6 +32,7 @@ def test_a_failing_job_is_recorded_the_sweep_continues_and_the_report_reads_it(
     failed = json.loads((sweep / "0" / "FAILED.json").read_text())
     assert "data.batch_size=5 must be divisible" in failed["error"]
     assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()  # the next job still ran
+    assert (sweep / "1" / "DONE.json").is_file() and not (sweep / "0" / "DONE.json").exists()
     assert len((sweep / "failures.jsonl").read_text().splitlines()) == 1
     out = tmp_path / "report"
     res = run(["src/report.py", f"sweep_dir={sweep}", f"out_dir={out}", "name=test"])
@@ -39,7 +40,37 @@ def test_a_failing_job_is_recorded_the_sweep_continues_and_the_report_reads_it(
     md = (out / "report.md").read_text()
     rows = [r for r in md.splitlines() if r.startswith("| data.batch_size=")]
     assert len(rows) == 2
-    assert "failed: " in rows[0] and "data.batch_size=5" in rows[0]
-    assert "| ok |" in rows[1] and (out / "quality.png").is_file()
+    assert "0/1; failed (seed -): " in rows[0] and "data.batch_size=5" in rows[0]
+    assert "| 1/1 |" in rows[1] and (out / "digit_acc.png").is_file()
     steps = int(rows[1].split("|")[3])
     assert 1 <= steps < 100  # the FLOP budget stopped it, not max_steps
+
+
+@pytest.mark.slow
+def test_a_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(tmp_path, tiny_data_dir):
+    sweep = tmp_path / "sweep"
+    args = [
+        "src/train.py",
+        "-m",
+        "experiment=tiny",
+        f"paths.data_dir={tiny_data_dir}",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.max_steps=100",
+        "callbacks.compute_accounting.max_flops=2e8",
+        "skip_finished=true",
+        "ckpt_path=last",
+        "seed=0,1",
+        "data.batch_size=5,4",  # the batch-5 jobs (0 and 2) fail
+    ]
+    res = run(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(sweep / str(i) / "DONE.json").is_file() for i in range(4)] == [0, 1, 0, 1]
+    logged = {i: (sweep / str(i) / "csv" / "metrics.csv").read_text() for i in (1, 3)}
+    res = run(args)  # e.g. after the session that ran the sweep was cut off
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = res.stdout + res.stderr
+    assert logs.count("finished before (DONE.json): skipped") == 2, logs[-3000:]
+    for i in (1, 3):  # not trained again: nothing appended to the finished jobs' logs
+        assert (sweep / str(i) / "csv" / "metrics.csv").read_text() == logged[i]
+    assert len((sweep / "failures.jsonl").read_text().splitlines()) == 4  # 0 and 2, twice
