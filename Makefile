@@ -66,7 +66,12 @@ ABLATIONS ?= stages corrective coupled temporal ratios
 ablations: data ## digits ablation sweeps at equal FLOPs, 3 seeds, resumable (ABLATIONS="stages ...") + reports in docs/ablations/
 	@for a in $(ABLATIONS); do \
 	  d=logs/train/multiruns/ablation_$$a; \
-	  $(BIN)/python src/train.py -m experiment=ablation_$$a hydra.sweep.dir=$$d $(ARGS) && \
+	  $(BIN)/python src/train.py -m experiment=ablation_$$a hydra.sweep.dir=$$d $(ARGS) || exit 1; \
+	  for j in $$d/[0-9]*; do \
+	    if [ -f $$j/DONE.json ] && [ ! -f $$j/eval/digits/report.json ]; then \
+	      $(BIN)/python src/eval.py ckpt_path=$$j/checkpoints/last.ckpt suite=digits || exit 1; \
+	    fi; \
+	  done; \
 	  $(BIN)/python src/report.py sweep_dir=$$d name=$$a || exit 1; \
 	done
 

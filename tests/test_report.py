@@ -53,6 +53,12 @@ def sweep(tmp_path):
         write_job(root / str(i), over, curve)
     write_job(root / "5", ["experiment=ablation_stages", "pyramid=stages_3", "seed=3"], [],
               failed="RuntimeError: boom")  # fmt: skip
+    for i, (digit, fvd) in enumerate([(0.4, 0.02), (0.5, 0.04)]):  # `make eval` of the K = 1 seeds
+        (root / str(i) / "eval" / "digits").mkdir(parents=True)
+        scores = {"digit_acc": digit, "direction_acc": 1.0, "fvd": fvd, "videos": 64}
+        (root / str(i) / "eval" / "digits" / "report.json").write_text(
+            json.dumps({"scores": scores})
+        )
     return root
 
 
@@ -86,8 +92,9 @@ def test_report_gives_each_seed_s_compute_to_reach_the_baseline_and_the_factor(s
     res = report(cfg)
     assert res == {"jobs": 6, "variants": 2, "failed": 1, "out": str(out)}
     md = (out / "report.md").read_text()
+    first_table = md.split("make eval")[0].splitlines()
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
-            for r in md.splitlines() if r.startswith("| pyramid=")}  # fmt: skip
+            for r in first_table if r.startswith("| pyramid=")}  # fmt: skip
     base, k3 = rows["pyramid=stages_1"], rows["pyramid=stages_3"]
     assert base[1] == "2/2" and base[5] == "0.500 (0.400-0.600)" and base[-2] == "(baseline)"
     assert base[3] == "3e+11"  # 100 steps x 3e9 FLOPs
@@ -96,6 +103,11 @@ def test_report_gives_each_seed_s_compute_to_reach_the_baseline_and_the_factor(s
     assert k3[1].startswith("3/4; failed (seed 3): RuntimeError: boom")
     assert k3[-2] == "2/3 seeds: 7.55e+10 (5.1e+10-1e+11)"
     assert k3[-1] == f"{300e9 / 75.5e9:.2f}x"
+    evals = [r for r in md.splitlines() if r.startswith("| pyramid=stages_1 | 2 |")]
+    assert evals == [
+        "| pyramid=stages_1 | 2 | 0.450 (0.400-0.500) | 1.000 | - | - | 0.0300 (0.0200-0.0400) |"
+    ]  # the K = 3 seeds were not evaluated: no row
+    assert "| pyramid=stages_3 | " not in md.split("make eval")[1]
     for png in ("digit_acc.png", "direction_acc.png", "blockiness.png", "val_loss.png"):
         assert (out / png).is_file()
 
