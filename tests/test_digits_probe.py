@@ -11,6 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """probe.main sets torch's thread count (threads=1) for the process: put it back, so the
+    tests that run after these see the usual setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _probe():
     spec = importlib.util.spec_from_file_location("digits_probe", ROOT / "scripts/digits_probe.py")
     mod = importlib.util.module_from_spec(spec)
