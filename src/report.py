@@ -161,6 +161,11 @@ def fmt_spread(s: tuple[float, float, float] | None, spec: str = ".3f") -> str:
     return fmt(mean, spec) if lo == hi else f"{mean:{spec}} ({lo:{spec}}-{hi:{spec}})"
 
 
+def mean_flops(v: Variant) -> float:
+    """Mean training FLOPs of the variant's finished seeds."""
+    return sum(j.flops for j in v.ok) / max(len(v.ok), 1)
+
+
 def table(variants: list[Variant], base: Variant | None, metrics: list[str], target: str) -> str:
     key = f"val/digits_{target}"
     head = ["variant", "seeds", "steps", "train FLOPs", "samples/s", *metrics]
@@ -184,12 +189,12 @@ def table(variants: list[Variant], base: Variant | None, metrics: list[str], tar
             at = [x for j in ok if (x := reached(j, key, goal[0])) is not None]
             reach = f"{len(at)}/{len(ok)} seeds"
             reach += f": {fmt_spread(spread(at), '.3g')}" if at else ""
-            factor = f"{base_flops(base) / (sum(at) / len(at)):.2f}x" if at else "-"
+            factor = f"{mean_flops(base) / (sum(at) / len(at)):.2f}x" if at else "-"
         cells = [
             v.label,
             seeds,
             fmt_spread(spread([float(j.steps) for j in ok]), ".0f"),
-            fmt(base_flops(v), ".3g"),
+            fmt(mean_flops(v), ".3g"),
             fmt_spread(spread([j.samples_per_s for j in ok if j.samples_per_s]), ".1f"),
             *[fmt_spread(v.final(f"val/digits_{m}")) for m in metrics],
             fmt_spread(v.final("val/blockiness")),
@@ -199,11 +204,6 @@ def table(variants: list[Variant], base: Variant | None, metrics: list[str], tar
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def base_flops(v: Variant) -> float:
-    """Mean training FLOPs of the variant's finished seeds."""
-    return sum(j.flops for j in v.ok) / max(len(v.ok), 1)
 
 
 def eval_table(variants: list[Variant], metrics: list[str]) -> str | None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import compose_train
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,12 +75,10 @@ def test_oracle_code_is_a_scaled_one_hot_of_the_digit_and_zero_for_the_empty_pro
 
 def test_oracle_sampling_adds_the_code_to_canonical_prompts_only():
     import torch
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     probe = _probe()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=["model/net=dit_tiny", "text_encoder=hash"])
+    cfg = compose_train(["model/net=dit_tiny", "text_encoder=hash"], return_hydra_config=False)
     module = instantiate(cfg.model)
     prompts = ["a red digit 7 moving left", ""]
     before = module.conditioner.encode(prompts, torch.device("cpu"))
@@ -92,16 +92,11 @@ def test_oracle_sampling_adds_the_code_to_canonical_prompts_only():
 
 def test_a_fitted_autoencoder_is_not_refitted_when_continuing_a_run():
     import torch
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     probe = _probe()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "train.yaml",
-            overrides=["model/net=dit_tiny", "text_encoder=hash", "autoencoder.latent_channels=8"],
-        )
-    module = instantiate(cfg.model)
+    overrides = ["model/net=dit_tiny", "text_encoder=hash", "autoencoder.latent_channels=8"]
+    module = instantiate(compose_train(overrides, return_hydra_config=False).model)
     module.configure_model()
     probe.render_train_set(module, 8, 5)  # fits the PCA on these videos
     state = {k: v.clone() for k, v in module.autoencoder.state_dict().items()}
