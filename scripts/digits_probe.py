@@ -4,6 +4,7 @@
     python scripts/digits_probe.py name=k2_gs6 load=logs/probe/k2.pt gs=6   # re-score only
     python scripts/digits_probe.py name=q ckpt=<run>/checkpoints/last.ckpt decision=true
     python scripts/digits_probe.py name=o init=<run>/checkpoints/last.ckpt oracle=4 minutes=25
+    python scripts/digits_probe.py name=c frames=1 bs=16 minutes=8 positions=center
 
 The digits world is rendered and encoded once into memory (no mp4 decoding, no Lightning),
 so a recipe change costs only its training minutes; the same PyramidFlowModule, packed loss,
@@ -17,7 +18,12 @@ Hydra overrides of configs/train.yaml plus these probe keys:
     decision (true: also measure which stage decides the digit, see `stage_decision`),
     init (a training checkpoint to continue training from: its EMA weights and fitted PCA),
     oracle (0; s > 0: a diagnostic that adds s * one-hot(digit) to the pooled caption vector
-    in training and sampling, so the digit reaches adaLN as a class label would), out (logs/probe)
+    in training and sampling, so the digit reaches adaLN as a class label would), out (logs/probe),
+    positions (uniform: the digits world; a diagnostic for single frames, frames=1, that moves
+    every training glyph: center = the canvas centre, snapN = start snapped to multiples of N
+    px, jitterN = the centre +- N px; held-out prompts are still scored on the model's own
+    placement), center_first (0; f > 0: the first f of the budget trains on centred copies of
+    the training images, then `positions`: a position curriculum)
 
 Each run appends one JSON line (recipe, steps, samples, digits metrics) to <out>/results.jsonl
 and saves the EMA weights and the first 16 videos (<name>.pt, <name>_videos.npy). Used for the
@@ -27,6 +33,7 @@ recipe table in docs/digits_learning.md; a screen, not a substitute for `make tr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -43,6 +50,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from src.data.digits import (  # noqa: E402
+    CANVAS_SIZE,
+    SCALE,
+    DigitSpec,
     canonical_caption,
     iter_specs,
     random_caption,
@@ -75,7 +85,10 @@ PROBE_KEYS = {
     "init": None,
     "oracle": 0.0,
     "out": "logs/probe",
+    "positions": "uniform",
+    "center_first": 0.0,
 }
+POSITIONS = re.compile(r"uniform|center|snap(\d+)|jitter(\d+)")
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -92,16 +105,45 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
             overrides.append(arg)
     if not probe["name"]:
         raise SystemExit("name= is required (the run's label in results.jsonl)")
+    if not POSITIONS.fullmatch(probe["positions"]):
+        raise SystemExit(
+            f"positions={probe['positions']!r} is unknown; fix: uniform, center, snapN or jitterN"
+        )
+    moved = probe["positions"] != "uniform" or probe["center_first"] > 0
+    if moved and probe["frames"] != 1:
+        raise SystemExit(
+            f"positions={probe['positions']} / center_first={probe['center_first']} move the "
+            f"glyph of single images, but frames={probe['frames']}; fix: frames=1"
+        )
     return probe, overrides
 
 
-def render_train_set(module, n: int, frames: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Training videos of the digits world (same specs and caption grammar as the shards),
-    PCA-fitted (unless already fitted) and encoded: normalised latents (n, C, t, h, w), their
-    captions and their digits (n,)."""
-    rng = np.random.default_rng(0)
+def place(spec: DigitSpec, positions: str, rng: np.random.Generator) -> DigitSpec:
+    """Where frame 0's glyph starts in the `positions` diagnostic world (see the module doc):
+    uniform keeps the spec; the others move its top-left corner (x, y) on the canvas."""
+    centre = (CANVAS_SIZE - 8 * SCALE) // 2  # a glyph is 8 x SCALE pixels square
+    snap, jitter = POSITIONS.fullmatch(positions).groups()
+    if positions == "uniform":
+        return spec
+    if positions == "center":
+        xy = (centre, centre)
+    elif snap:
+        xy = tuple(int(snap) * round(v / int(snap)) for v in spec.start_xy)
+    else:
+        xy = tuple(centre + int(d) for d in rng.integers(-int(jitter), int(jitter) + 1, size=2))
+    return dataclasses.replace(spec, start_xy=xy)
+
+
+def render_train_set(
+    module, n: int, frames: int, positions: str = "uniform"
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Training videos of the digits world (same specs and caption grammar as the shards;
+    glyphs moved by `place`), PCA-fitted (unless already fitted) and encoded: normalised
+    latents (n, C, t, h, w), their captions and their digits (n,)."""
+    rng, place_rng = np.random.default_rng(0), np.random.default_rng(1)
     videos, captions, digits = [], [], []
     for spec in iter_specs(n, "train", seed=0, num_frames=frames):
+        spec = place(spec, positions, place_rng)
         videos.append(torch.from_numpy(render_video(spec, num_frames=frames)))
         captions.append(random_caption(spec.digit, spec.color, spec.direction, rng))
         digits.append(spec.digit)
@@ -139,9 +181,17 @@ def add_oracle_to_sampling(module, scale: float) -> None:
 
 
 def train(
-    module, cfg, probe: dict, lat: torch.Tensor, captions: list[str], digits: torch.Tensor
+    module,
+    cfg,
+    probe: dict,
+    lat: torch.Tensor,
+    captions: list[str],
+    digits: torch.Tensor,
+    first: torch.Tensor | None = None,
 ) -> dict:
-    """Train module.net for `minutes` of wall time; returns counts. module.net becomes the EMA."""
+    """Train module.net for `minutes` of wall time; returns counts. module.net becomes the EMA.
+    first: latents (same captions) trained on instead of `lat` for the first `center_first`
+    of the budget."""
     net, o, bs = module.net, cfg.model.optim, probe["bs"]
     prompts = sorted(set(captions))
     feats = module.text_encoder.encode(prompts + [""])
@@ -162,7 +212,8 @@ def train(
         idx = torch.randint(0, len(lat), (bs,))
         ci = cap_idx[idx].clone()
         ci[torch.rand(bs) < cfg.model.cfg_dropout] = len(prompts)  # the empty prompt
-        x, pooled = lat[idx], feats.pooled[ci]
+        src = first if first is not None and elapsed < probe["center_first"] * budget else lat
+        x, pooled = src[idx], feats.pooled[ci]
         if scale:
             pooled = pooled + oracle_code(digits[idx].masked_fill(ci == len(prompts), -1),
                                           pooled.shape[1], scale)  # fmt: skip
@@ -254,11 +305,16 @@ def main(argv: list[str]) -> dict:
         else:
             module = instantiate(cfg.model)
             module.configure_model()
-        lat, captions, digits = render_train_set(module, probe["n_train"], probe["frames"])
+        n, frames = probe["n_train"], probe["frames"]
+        # the PCA is fitted on the first set rendered: the diagnostic world's own glyphs
+        lat, captions, digits = render_train_set(module, n, frames, probe["positions"])
+        first = None
+        if probe["center_first"] > 0:  # the same specs and captions, glyphs centred
+            first = render_train_set(module, n, frames, "center")[0]
         if probe["load"]:
             module.net.load_state_dict(torch.load(probe["load"], weights_only=True))
         else:
-            counts = train(module, cfg, probe, lat, captions, digits)
+            counts = train(module, cfg, probe, lat, captions, digits, first)
     if float(probe["oracle"]):
         add_oracle_to_sampling(module, float(probe["oracle"]))
     t0 = time.time()
@@ -268,6 +324,8 @@ def main(argv: list[str]) -> dict:
     row = {
         "name": probe["name"],
         "overrides": overrides,
+        "positions": probe["positions"],
+        "center_first": probe["center_first"],
         "bs": probe["bs"],
         "threads": probe["threads"],
         **counts,

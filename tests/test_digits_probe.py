@@ -106,3 +106,48 @@ def test_a_fitted_autoencoder_is_not_refitted_when_continuing_a_run():
         assert torch.equal(v, state[k]), k
     assert len(lat) == len(captions) == len(digits) == 16
     assert digits.min() >= 0 and digits.max() <= 9
+
+
+def test_positions_place_the_glyph_of_the_diagnostic_worlds():
+    import numpy as np
+
+    from src.data.digits import iter_specs
+
+    probe = _probe()
+    specs = list(iter_specs(200, "train", seed=0, num_frames=1))
+    rng = np.random.default_rng(0)
+    assert [probe.place(s, "uniform", rng) for s in specs] == specs
+    assert {probe.place(s, "center", rng).start_xy for s in specs} == {(20, 20)}
+    snapped = [probe.place(s, "snap8", rng) for s in specs]
+    assert {v % 8 for s in snapped for v in s.start_xy} == {0}
+    shifts = [abs(a - b) for s, t in zip(specs, snapped) for a, b in zip(s.start_xy, t.start_xy)]
+    assert max(shifts) <= 4
+    assert {v for s in snapped for v in s.start_xy} == {0, 8, 16, 24, 32, 40}  # 6 x 6 places
+    jittered = {v for s in specs for v in probe.place(s, "jitter4", rng).start_xy}
+    assert jittered == set(range(16, 25))
+    moved = [probe.place(s, "snap16", rng) for s in specs]
+    assert [(s.digit, s.color, s.glyph_id) for s in moved] == [
+        (s.digit, s.color, s.glyph_id) for s in specs
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["positions=left"], "positions='left' is unknown"),
+        (["positions=center"], "fix: frames=1"),
+        (["center_first=0.5"], "fix: frames=1"),
+    ],
+)
+def test_position_diagnostics_refuse_bad_values_and_videos(args, message):
+    probe = _probe()
+    with pytest.raises(SystemExit, match=message):
+        probe.parse(["name=x", *args])
+
+
+def test_position_diagnostics_parse_for_single_frames():
+    probe = _probe()
+    settings, overrides = probe.parse(
+        ["name=x", "frames=1", "positions=snap8", "center_first=0.5"]
+    )
+    assert (settings["positions"], settings["center_first"], overrides) == ("snap8", 0.5, [])

@@ -58,8 +58,9 @@ def test_zero_init_gives_zero_output():
     assert torch.count_nonzero(out) == 0
 
 
-def test_packed_segments_equal_running_each_stage_alone():
-    net = randomize(make_net()).eval()
+@pytest.mark.parametrize("mix_ffn", [False, True])
+def test_packed_segments_equal_running_each_stage_alone(mix_ffn):
+    net = randomize(make_net(mix_ffn=mix_ffn)).eval()
     shapes = [(1, 4, 4), (1, 8, 8), (1, 8, 8), (1, 16, 16)]  # the 1:2:1 columns of one row
     xs = [torch.randn(3, C, *s) for s in shapes]
     ts = [torch.rand(3) * 1000 for _ in shapes]
@@ -153,15 +154,52 @@ def test_analytic_flops_match_torch_flop_counter():
 
     from src.utils.flops import dit_forward_flops
 
-    cfg = dict(dit_preset("dit_tiny"), hidden_size=64, num_heads=2, rope_axes=(8, 12, 12))
-    net = make_net(**cfg).eval()
     xs = [torch.randn(1, C, 2, 4, 4), torch.randn(1, C, 2, 8, 8)]
     ctx, mask, pooled = text(1, length=6, valid=6)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net.forward_packed(xs, [torch.ones(1)] * 2, [ctx] * 2, [mask] * 2, [pooled] * 2)
-    predicted = dit_forward_flops([8, 32], 6, in_features=C * 4, text_dim=TXT, **cfg)
-    measured = counter.get_total_flops()
-    assert abs(predicted - measured) / measured < 0.1, (predicted, measured)
+    counted = {}
+    for mix_ffn in (False, True):
+        cfg = dict(dit_preset("dit_tiny"), hidden_size=64, num_heads=2, rope_axes=(8, 12, 12))
+        cfg["mix_ffn"] = mix_ffn
+        net = make_net(**cfg).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net.forward_packed(xs, [torch.ones(1)] * 2, [ctx] * 2, [mask] * 2, [pooled] * 2)
+        predicted = dit_forward_flops([8, 32], 6, in_features=C * 4, text_dim=TXT, **cfg)
+        measured = counter.get_total_flops()
+        assert abs(predicted - measured) / measured < 0.1, (predicted, measured)
+        counted[mix_ffn] = predicted, measured
+    # Mix-FFN's depthwise convolutions: counted exactly, not hidden in the tolerance
+    assert counted[True][0] - counted[False][0] == counted[True][1] - counted[False][1] > 0
+
+
+def test_mix_ffn_starts_as_the_plain_mlp_and_convolves_within_each_frame():
+    """Zero-initialised, Mix-FFN leaves a fresh network's function unchanged; its token-grid
+    convolution equals a depthwise conv2d of each frame's (h, w) grid and leaves text alone."""
+    from src.models.layers import TokenGridConv
+
+    x, t = torch.randn(2, C, 2, 8, 8), torch.tensor([10.0, 900.0])
+    ctx, mask, pooled = text(2)
+    plain, mix = randomize(make_net()), make_net(mix_ffn=True)
+    missing, _ = mix.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all("conv" in k for k in missing)
+    with torch.no_grad():
+        assert torch.equal(mix(x, t, ctx, mask, pooled), plain(x, t, ctx, mask, pooled))
+        randomize(mix)
+        assert not torch.allclose(mix(x, t, ctx, mask, pooled), plain(x, t, ctx, mask, pooled))
+
+    conv = randomize(TokenGridConv(6))
+    grid_a, grid_b = torch.randn(2, 6, 2, 4, 4), torch.randn(2, 6, 1, 2, 2)  # (B, C, t, h, w)
+    tok_a, tok_b = patchify(grid_a, 1)[0], patchify(grid_b, 1)[0]  # (B, t h w, C)
+    txt = torch.randn(2, 3, 6)
+    seq = torch.cat([tok_a[:, :5], txt, tok_a[:, 5:], tok_b], 1)  # text inside the row
+    positions = torch.cat([torch.arange(5), torch.arange(8, 8 + 27 + 4)])
+    out = conv(seq, [(0, 2, 4, 4), (32, 1, 2, 2)], positions)
+    for g, tok, sl in ((grid_a, tok_a, slice(0, 32)), (grid_b, tok_b, slice(32, 36))):
+        frames = g.transpose(1, 2).flatten(0, 1)  # (B t, C, h, w)
+        ref = torch.nn.functional.conv2d(frames, conv.conv.weight, conv.conv.bias, padding=1,
+                                         groups=6)  # fmt: skip
+        ref = ref.unflatten(0, (2, -1)).transpose(1, 2)  # (B, C, t, h, w)
+        assert torch.allclose(out[:, positions[sl]], tok + patchify(ref, 1)[0], atol=1e-5)
+    assert torch.equal(out[:, 5:8], txt)
 
 
 def test_attention_text_pool_reads_valid_tokens_only_and_starts_as_a_no_op():

@@ -91,12 +91,18 @@ def test_history_positions_are_interpolated_onto_the_current_grid():
 
 # ------------------------------------------------------------------------------ attention
 @pytest.mark.parametrize(
-    ("backend", "text_pool"),
-    [("sdpa", "none"), ("sdpa_segments", "none"), ("sdpa_segments", "attention")],
+    ("backend", "text_pool", "mix_ffn"),
+    [
+        ("sdpa", "none", False),
+        ("sdpa_segments", "none", False),
+        ("sdpa_segments", "attention", False),
+        ("sdpa_segments", "none", True),
+    ],
 )
-def test_no_information_flows_backwards_in_time(backend, text_pool):
-    """Perturbing frame 2 leaves frames 0-1 unchanged, with history and packed segments."""
-    net = randomize(make_net(attn_backend=backend, text_pool=text_pool))
+def test_no_information_flows_backwards_in_time(backend, text_pool, mix_ffn):
+    """Perturbing frame 2 leaves frames 0-1 unchanged, with history and packed segments
+    (Mix-FFN's convolution stays inside each frame)."""
+    net = randomize(make_net(attn_backend=backend, text_pool=text_pool, mix_ffn=mix_ffn))
     ctx, mask, pooled = text(2)
     t = torch.tensor([100.0, 700.0])
     hist = [torch.randn(2, C, 2, 4, 4), torch.randn(2, C, 1, 8, 8)]
@@ -169,10 +175,13 @@ def test_kv_cache_is_refused_for_history_modulated_with_the_step_timestep():
     )
 
 
-@pytest.mark.parametrize("text_pool", ["none", "attention"])
+@pytest.mark.parametrize(
+    ("text_pool", "mix_ffn"), [("none", False), ("attention", False), ("none", True)]
+)
 @pytest.mark.parametrize("grid_size", [4, 8])
-def test_kv_cached_forward_equals_the_full_forward(grid_size, text_pool):
-    net = randomize(make_net(history_timestep="clean", text_pool=text_pool)).eval()
+def test_kv_cached_forward_equals_the_full_forward(grid_size, text_pool, mix_ffn):
+    net = randomize(make_net(history_timestep="clean", text_pool=text_pool, mix_ffn=mix_ffn))
+    net = net.eval()
     ctx, mask, pooled = text(2)
     hist = [torch.randn(2, C, 2, 4, 4), torch.randn(2, C, 1, grid_size, grid_size)]
     kv = net.encode_prefix(hist, ctx, mask, pooled, (grid_size, grid_size))

@@ -32,6 +32,7 @@ from src.models.layers import (
     PackedLayout,
     RMSNorm,
     TokenAttentionPool,
+    TokenGridConv,
     apply_rope,
     attention,
     interpolated_grid,
@@ -73,9 +74,11 @@ class QKV(nn.Module):
 class PyramidDiTBlock(nn.Module):
     """Double-stream block: separate adaLN/QKV/MLP per stream, joint attention. FSDP unit."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, mix_ffn: bool = False):
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        # Mix-FFN: a depthwise 3x3 convolution over each frame's token grid in the video MLP
+        self.img_conv = TokenGridConv(hidden) if mix_ffn else None
         for s in ("img", "txt"):
             setattr(self, f"{s}_mod", nn.Linear(dim, 6 * dim))
             setattr(self, f"{s}_norm1", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
@@ -88,10 +91,11 @@ class PyramidDiTBlock(nn.Module):
                 nn.Sequential(nn.Linear(dim, hidden), nn.GELU("tanh"), nn.Linear(hidden, dim)),
             )
 
-    def forward(self, img, txt, c, seg_img, seg_txt, joint, backend, kv=None):
+    def forward(self, img, txt, c, seg_img, seg_txt, joint, backend, kv=None, grid=None):
         # img: (B, Ni, D), txt: (B, Nt, D); c: per-segment conditioning (B, S, D)
         # seg_img/seg_txt: segment of every token; joint: (order, angles, layout) interleaves
-        # the streams segment by segment for attention
+        # the streams segment by segment for attention; grid: (chunks, positions) of the video
+        # tokens' frame grids (only read with Mix-FFN)
         order, angles, layout = joint
         mi = self.img_mod(F.silu(c))[:, seg_img].chunk(6, dim=-1)  # 6 x (B, Ni, D)
         mt = self.txt_mod(F.silu(c))[:, seg_txt].chunk(6, dim=-1)  # 6 x (B, Nt, D)
@@ -105,18 +109,25 @@ class PyramidDiTBlock(nn.Module):
         o = o[:, :, torch.argsort(order)].transpose(1, 2).flatten(2)  # (B, Nt + Ni, D)
         ot, oi = o[:, : txt.shape[1]], o[:, txt.shape[1] :]
         img = img + mi[2] * self.img_proj(oi)
-        img = img + mi[5] * self.img_mlp(modulate(self.img_norm2(img), mi[3], mi[4]))
+        img = img + mi[5] * self._img_mlp(modulate(self.img_norm2(img), mi[3], mi[4]), grid)
         txt = txt + mt[2] * self.txt_proj(ot)
         txt = txt + mt[5] * self.txt_mlp(modulate(self.txt_norm2(txt), mt[3], mt[4]))
         return img, txt
+
+    def _img_mlp(self, x: torch.Tensor, grid) -> torch.Tensor:
+        if self.img_conv is None:
+            return self.img_mlp(x)
+        fc1, act, fc2 = self.img_mlp
+        return fc2(act(self.img_conv(fc1(x), grid[0])))  # (B, Ni, D)
 
 
 class PyramidDiTSingleBlock(nn.Module):
     """Single-stream block: parallel attention + MLP from one adaLN, gated residual. FSDP unit."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, mix_ffn: bool = False):
         super().__init__()
         self.heads, self.dim, self.hidden = heads, dim, int(dim * mlp_ratio)
+        self.mlp_conv = TokenGridConv(self.hidden) if mix_ffn else None  # video tokens only
         self.mod = nn.Linear(dim, 3 * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear1 = nn.Linear(dim, 3 * dim + self.hidden)
@@ -124,11 +135,14 @@ class PyramidDiTSingleBlock(nn.Module):
         self.k_norm = RMSNorm(dim // heads)
         self.linear2 = nn.Linear(dim + self.hidden, dim)
 
-    def forward(self, x, c, seg, angles, layout, backend, kv=None):
-        # x: (B, N, D) joint sequence in segment order; c: per-segment conditioning (B, S, D)
+    def forward(self, x, c, seg, angles, layout, backend, kv=None, grid=None):
+        # x: (B, N, D) joint sequence in segment order; c: per-segment conditioning (B, S, D);
+        # grid: (chunks, positions in x) of the video tokens' frame grids (Mix-FFN)
         shift, scale, gate = self.mod(F.silu(c))[:, seg].chunk(3, dim=-1)  # 3 x (B, N, D)
         h = self.linear1(modulate(self.norm(x), shift, scale))  # (B, N, 3D + hidden)
         qkv, mlp = h.split([3 * self.dim, self.hidden], dim=-1)
+        if self.mlp_conv is not None:
+            mlp = self.mlp_conv(mlp, *grid)  # (B, N, hidden), text tokens unchanged
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
         o = _attend(q, k, v, layout, backend, kv).transpose(1, 2).flatten(2)  # (B, N, D)
@@ -159,6 +173,7 @@ class PyramidDiT(nn.Module):
         history_timestep: str = "current",
         compile_blocks: bool = False,
         text_pool: str = "none",
+        mix_ffn: bool = False,
     ):
         super().__init__()
         head_dim = hidden_size // num_heads
@@ -192,10 +207,12 @@ class PyramidDiT(nn.Module):
             else None
         )
         self.double_blocks = nn.ModuleList(
-            PyramidDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth_double)
+            PyramidDiTBlock(hidden_size, num_heads, mlp_ratio, mix_ffn)
+            for _ in range(depth_double)
         )
         self.single_blocks = nn.ModuleList(
-            PyramidDiTSingleBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth_single)
+            PyramidDiTSingleBlock(hidden_size, num_heads, mlp_ratio, mix_ffn)
+            for _ in range(depth_single)
         )
         self.final_mod = nn.Linear(hidden_size, 2 * hidden_size)
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -318,6 +335,7 @@ class PyramidDiT(nn.Module):
         n_seg = len(xs)
         imgs, txts, pos, frames, c_cur, c_pre = [], [], [], [], [], []
         seg_img, seg_txt, valid, seg_len, current = [], [], [], [], []
+        grids, img_start = [], 0  # (start, t, h, w) of every chunk's token grid, image order
         for s, (x, t, ctx, cm, pl, hist) in enumerate(
             zip(xs, timesteps, contexts, context_masks, pooled, histories)
         ):
@@ -340,12 +358,16 @@ class PyramidDiT(nn.Module):
                 seg_tok.append(tok)
                 seg_cond.append(torch.full((tok.shape[1],), n_seg + s, device=dev))
                 seg_cur.append(torch.zeros(tok.shape[1], dtype=torch.bool, device=dev))
+                grids.append((img_start, h.shape[2], h.shape[3] // p, h.shape[4] // p))
+                img_start += tok.shape[1]
                 first += h.shape[2]
             tok, grid = patchify(x, p)  # (B, Ni_s, C p p), (Ni_s, 3) own grid of this stage
             seg_pos.append(torch.cat([grid[:, :1] + first, grid[:, 1:]], 1).float())
             seg_tok.append(tok)
             seg_cond.append(torch.full((tok.shape[1],), s, device=dev))
             seg_cur.append(torch.ones(tok.shape[1], dtype=torch.bool, device=dev))
+            grids.append((img_start, x.shape[2], hh, ww))
+            img_start += tok.shape[1]
             img_pos = torch.cat(seg_pos)  # (Ni_s, 3) history then current
             imgs.append(self.x_embedder(torch.cat(seg_tok, 1)))  # (B, Ni_s, D)
             li = img_pos.shape[0]
@@ -376,6 +398,9 @@ class PyramidDiT(nn.Module):
             "joint": (order, angles, layout),
             "layout": layout,
             "current": torch.cat(current),  # (Ni,) True for tokens whose velocity is returned
+            # Mix-FFN: the chunks' frame grids, and where image token i sits in the joint order
+            "grids": grids,
+            "img_in_joint": torch.argsort(order)[nt:],  # (Ni,)
         }
 
     def _blocks_and_head(self, toks: dict, xs, kv: KVCache | None):
@@ -386,13 +411,15 @@ class PyramidDiT(nn.Module):
         n_ckpt = round(
             self.grad_checkpointing * (len(self.double_blocks) + len(self.single_blocks))
         )
+        grids = toks["grids"]
         for i, blk in enumerate(self.double_blocks):
-            args = (img, txt, c, seg_img, seg_txt, joint, self.attn_backend, kv)
+            args = (img, txt, c, seg_img, seg_txt, joint, self.attn_backend, kv, (grids, None))
             img, txt = self._run(blk, args, i < n_ckpt)
         x = torch.cat([txt, img], 1)[:, order]  # (B, N, D) joint, segment order
         seg_joint = torch.cat([seg_txt, seg_img])[order]  # (N,) conditioning row of each token
+        single_grid = (grids, toks["img_in_joint"])
         for j, blk in enumerate(self.single_blocks):
-            args = (x, c, seg_joint, angles, layout, self.attn_backend, kv)
+            args = (x, c, seg_joint, angles, layout, self.attn_backend, kv, single_grid)
             x = self._run(blk, args, len(self.double_blocks) + j < n_ckpt)
         if xs is None:  # prefix pass: only the keys/values were wanted
             return None

@@ -242,6 +242,40 @@ class TokenAttentionPool(nn.Module):
         return self.out(pooled.reshape(b, -1))
 
 
+class TokenGridConv(nn.Module):
+    """Depthwise k x k convolution over each frame's token grid, added residually: the
+    locality of SANA's Mix-FFN (Xie et al. 2024) inside a DiT MLP. Zero-initialised, so a net
+    with it computes exactly what the plain MLP does until it learns otherwise. It never mixes
+    frames, so block-causal (autoregressive) attention and the KV cache stay exact.
+    """
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, grids, positions: torch.Tensor | None = None):
+        """x: (B, N, C); grids: [(start, t, h, w)] chunks of the image tokens, each (t h w)
+        row-major from `start` in image-token order; positions: (Ni,) index in x of image token
+        i (None: x holds exactly the image tokens). Returns x with the convolution of every
+        chunk added at its image tokens (other tokens, e.g. text, unchanged): (B, N, C)."""
+        img = x if positions is None else x[:, positions]  # (B, Ni, C)
+        b, _, ch = img.shape
+        outs = []
+        for start, t, h, w in grids:
+            chunk = img[:, start : start + t * h * w]  # (B, t h w, C)
+            if chunk.shape[1] == 0:
+                outs.append(chunk)
+                continue
+            g = chunk.reshape(b * t, h, w, ch).permute(0, 3, 1, 2)  # (B t, C, h, w)
+            outs.append(self.conv(g).permute(0, 2, 3, 1).reshape(b, t * h * w, ch))
+        delta = torch.cat(outs, 1) if outs else img.new_zeros(b, 0, ch)  # (B, Ni, C)
+        if positions is None:
+            return x + delta
+        return x.index_add(1, positions, delta.to(x.dtype))
+
+
 def interpolated_grid(size: int, target: int, device=None) -> torch.Tensor:
     """Coordinates of `size` cells on a grid of `target` cells: linear interpolation of
     arange(target) to length `size` with align_corners=False (the reference DiT's

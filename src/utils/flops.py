@@ -15,6 +15,11 @@ def block_linear_macs_per_token(hidden_size: int, mlp_ratio: float = 4.0) -> tup
     return double, single
 
 
+def mix_ffn_macs_per_token(hidden_size: int, mlp_ratio: float, mix_ffn: bool, blocks: int) -> int:
+    """MACs per video token of the Mix-FFN depthwise 3 x 3 convolutions (0 without them)."""
+    return blocks * 9 * int(hidden_size * mlp_ratio) if mix_ffn else 0
+
+
 def dit_forward_flops(
     seg_video_tokens: list[int],
     text_tokens: int,
@@ -24,6 +29,7 @@ def dit_forward_flops(
     in_features: int,
     mlp_ratio: float = 4.0,
     text_dim: int = 384,
+    mix_ffn: bool = False,
     **_,
 ) -> float:
     """FLOPs of one forward over one packed row: segments of `seg_video_tokens` video tokens,
@@ -41,6 +47,7 @@ def dit_forward_flops(
         macs += (depth_double + depth_single) * 2 * s * s * d  # QK^T and AV
         macs += n * in_features * d + text_tokens * text_dim * d  # patch + context embedders
         macs += n * d * in_features  # output linear
+        macs += n * mix_ffn_macs_per_token(d, mlp_ratio, mix_ffn, depth_double + depth_single)
     return 2.0 * macs
 
 
@@ -63,6 +70,7 @@ def cached_forward_flops(
     depth_single: int,
     in_features: int,
     mlp_ratio: float = 4.0,
+    mix_ffn: bool = False,
     **_,
 ) -> float:
     """FLOPs of one `forward_cached` step: the current tokens' weights and their attention over
@@ -72,6 +80,7 @@ def cached_forward_flops(
     macs = (depth_double * dbl + depth_single * sgl) * n
     macs += (depth_double + depth_single) * 2 * n * (prefix_tokens + n) * d
     macs += 2 * n * in_features * d  # patch embedder + output linear
+    macs += n * mix_ffn_macs_per_token(d, mlp_ratio, mix_ffn, depth_double + depth_single)
     return 2.0 * macs
 
 
