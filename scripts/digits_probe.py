@@ -20,10 +20,11 @@ Hydra overrides of configs/train.yaml plus these probe keys:
     oracle (0; s > 0: a diagnostic that adds s * one-hot(digit) to the pooled caption vector
     in training and sampling, so the digit reaches adaLN as a class label would), out (logs/probe),
     positions (uniform: the digits world; a diagnostic for single frames, frames=1, that moves
-    every training glyph: center = the canvas centre, snapN = start snapped to multiples of N
-    px, jitterN = the centre +- N px; held-out prompts are still scored on the model's own
-    placement), center_first (0; f > 0: the first f of the budget trains on centred copies of
-    the training images, then `positions`: a position curriculum)
+    every training glyph: center = the canvas centre (a video: the middle of its trajectory),
+    snapN = start snapped to multiples of N px, jitterN = the centre +- N px, both for single
+    frames only; held-out prompts are still scored on the model's own placement), center_first
+    (0; f > 0: the first f of the budget trains on centred copies, then `positions`: a position
+    curriculum)
 
 Each run appends one JSON line (recipe, steps, samples, digits metrics) to <out>/results.jsonl
 and saves the EMA weights and the first 16 videos (<name>.pt, <name>_videos.npy). Used for the
@@ -51,7 +52,9 @@ from hydra.utils import instantiate  # noqa: E402
 
 from src.data.digits import (  # noqa: E402
     CANVAS_SIZE,
+    DIRECTIONS,
     SCALE,
+    SPEED,
     DigitSpec,
     canonical_caption,
     iter_specs,
@@ -109,24 +112,25 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
         raise SystemExit(
             f"positions={probe['positions']!r} is unknown; fix: uniform, center, snapN or jitterN"
         )
-    moved = probe["positions"] != "uniform" or probe["center_first"] > 0
-    if moved and probe["frames"] != 1:
+    if probe["positions"] not in ("uniform", "center") and probe["frames"] != 1:
         raise SystemExit(
-            f"positions={probe['positions']} / center_first={probe['center_first']} move the "
-            f"glyph of single images, but frames={probe['frames']}; fix: frames=1"
+            f"positions={probe['positions']} moves the glyph of single images, but "
+            f"frames={probe['frames']}; fix: frames=1 (videos: uniform or center)"
         )
     return probe, overrides
 
 
-def place(spec: DigitSpec, positions: str, rng: np.random.Generator) -> DigitSpec:
-    """Where frame 0's glyph starts in the `positions` diagnostic world (see the module doc):
-    uniform keeps the spec; the others move its top-left corner (x, y) on the canvas."""
+def place(spec: DigitSpec, positions: str, rng: np.random.Generator, frames: int = 1) -> DigitSpec:
+    """Where the glyph starts in the `positions` diagnostic world (see the module doc): uniform
+    keeps the spec; the others move its top-left corner (x, y) on the canvas. `center` puts
+    the middle of a `frames`-frame trajectory at the canvas centre (frame 0 for an image)."""
     centre = (CANVAS_SIZE - 8 * SCALE) // 2  # a glyph is 8 x SCALE pixels square
     snap, jitter = POSITIONS.fullmatch(positions).groups()
     if positions == "uniform":
         return spec
     if positions == "center":
-        xy = (centre, centre)
+        half = SPEED * (frames - 1) // 2  # pixels from frame 0 to the middle frame
+        xy = tuple(centre - d * half for d in DIRECTIONS[spec.direction])
     elif snap:
         xy = tuple(int(snap) * round(v / int(snap)) for v in spec.start_xy)
     else:
@@ -143,7 +147,7 @@ def render_train_set(
     rng, place_rng = np.random.default_rng(0), np.random.default_rng(1)
     videos, captions, digits = [], [], []
     for spec in iter_specs(n, "train", seed=0, num_frames=frames):
-        spec = place(spec, positions, place_rng)
+        spec = place(spec, positions, place_rng, frames)
         videos.append(torch.from_numpy(render_video(spec, num_frames=frames)))
         captions.append(random_caption(spec.digit, spec.color, spec.direction, rng))
         digits.append(spec.digit)

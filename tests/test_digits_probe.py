@@ -125,6 +125,13 @@ def test_positions_place_the_glyph_of_the_diagnostic_worlds():
     assert {v for s in snapped for v in s.start_xy} == {0, 8, 16, 24, 32, 40}  # 6 x 6 places
     jittered = {v for s in specs for v in probe.place(s, "jitter4", rng).start_xy}
     assert jittered == set(range(16, 25))
+    # a video's centred trajectory: its middle frame at the centre, inside the canvas throughout
+    from src.data.digits import render_video, trajectory
+
+    for s in list(iter_specs(40, "train", seed=0))[:40]:
+        c = probe.place(s, "center", rng, frames=17)
+        assert trajectory(c)[8] == (20, 20) and c.direction == s.direction
+        assert render_video(c).shape == (17, 64, 64, 3)  # raises if the glyph leaves the canvas
     moved = [probe.place(s, "snap16", rng) for s in specs]
     assert [(s.digit, s.color, s.glyph_id) for s in moved] == [
         (s.digit, s.color, s.glyph_id) for s in specs
@@ -135,8 +142,8 @@ def test_positions_place_the_glyph_of_the_diagnostic_worlds():
     ("args", "message"),
     [
         (["positions=left"], "positions='left' is unknown"),
-        (["positions=center"], "fix: frames=1"),
-        (["center_first=0.5"], "fix: frames=1"),
+        (["positions=snap8"], "fix: frames=1"),
+        (["positions=jitter4"], "fix: frames=1"),
     ],
 )
 def test_position_diagnostics_refuse_bad_values_and_videos(args, message):
