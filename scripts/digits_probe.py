@@ -5,6 +5,7 @@
     python scripts/digits_probe.py name=q ckpt=<run>/checkpoints/last.ckpt decision=true
     python scripts/digits_probe.py name=o init=<run>/checkpoints/last.ckpt oracle=4 minutes=25
     python scripts/digits_probe.py name=c frames=1 bs=16 minutes=8 positions=center
+    python scripts/digits_probe.py name=w_rd load=logs/probe/w.pt frames=1 redraw=true
 
 The digits world is rendered and encoded once into memory (no mp4 decoding, no Lightning),
 so a recipe change costs only its training minutes; the same PyramidFlowModule, packed loss,
@@ -24,7 +25,8 @@ Hydra overrides of configs/train.yaml plus these probe keys:
     snapN = start snapped to multiples of N px, jitterN = the centre +- N px, both for single
     frames only; held-out prompts are still scored on the model's own placement), center_first
     (0; f > 0: the first f of the budget trains on centred copies, then `positions`: a position
-    curriculum)
+    curriculum), redraw (true: also measure from which sigma the caption can still redraw a
+    real held-out glyph already placed by the noisy input, see `redraw`)
 
 Each run appends one JSON line (recipe, steps, samples, digits metrics) to <out>/results.jsonl
 and saves the EMA weights and the first 16 videos (<name>.pt, <name>_videos.npy). Used for the
@@ -70,6 +72,7 @@ from src.flow.schedules import sample_ratios  # noqa: E402
 from src.models.checkpoint import load_module  # noqa: E402
 from src.sampling.guidance import guided_velocity  # noqa: E402
 from src.sampling.pyramid_sampler import PyramidSampler  # noqa: E402
+from src.sampling.solvers import euler_step, ratio_grid  # noqa: E402
 from src.utils.optim import lr_factor, param_groups  # noqa: E402
 
 PROBE_KEYS = {
@@ -90,6 +93,7 @@ PROBE_KEYS = {
     "out": "logs/probe",
     "positions": "uniform",
     "center_first": 0.0,
+    "redraw": "false",
 }
 POSITIONS = re.compile(r"uniform|center|snap(\d+)|jitter(\d+)")
 
@@ -293,6 +297,72 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
     return rows
 
 
+def redraw_points(num_stages: int) -> list[tuple[int, float]]:
+    """(stage, local ratio r0) start points of `redraw`: stage 0 from pure noise (r0 = 1) and
+    three points inside it, then the start and middle of every later stage."""
+    return [(0, 1.0), (0, 0.75), (0, 0.5), (0, 0.25)] + [
+        (k, r) for k in range(1, num_stages) for r in (1.0, 0.5)
+    ]
+
+
+@torch.no_grad()
+def redraw(module, num: int, guidance: float, positions: str, frames: int) -> list[dict]:
+    """Can the caption still redraw the glyph once the noisy input has fixed its place? Real
+    held-out videos A (validation glyphs, placed as in the `positions` world) are noised on the
+    training path to (stage, r0) and sampled from there with caption B (digit + 5, same colour
+    and direction); rows report how often the classified digit is A's or B's. A model that
+    draws the asked digit wherever the glyph sits redraws B down to the sigma where the input
+    starts to fix the shape. From (0, 1.0), pure noise, this is `stage_decision`'s k = 0 row:
+    same noise, generators and sampler."""
+    _, specs = digits_prompts(num, 0)
+    rng = np.random.default_rng(1)
+    specs = [
+        place(dataclasses.replace(s, start_xy=v.start_xy), positions, rng, frames)
+        for s, v in zip(specs, iter_specs(num, "val", seed=0, num_frames=frames))
+    ]  # the same digits, colours and directions, start places valid for `frames` frames
+    a = [canonical_caption(s.digit, s.color, s.direction) for s in specs]
+    b = [canonical_caption((s.digit + 5) % 10, s.color, s.direction) for s in specs]
+    video = torch.stack([torch.from_numpy(render_video(s, num_frames=frames)) for s in specs])
+    x = module.autoencoder.encode(video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0, sample=False)
+    noise = torch.stack(
+        [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
+         for i in range(num)]
+    )  # fmt: skip
+    cpu, net, sch = torch.device("cpu"), module.net.eval(), module.schedule
+    feats = TextFeatures.cat([module.conditioner.encode([""] * num, cpu),
+                              module.conditioner.encode(b, cpu)])  # fmt: skip
+
+    def velocity(z, t, st):
+        return net(z, t, feats.tokens, feats.mask, feats.pooled)
+
+    fn = guided_velocity(velocity, guidance)
+    sampler = PyramidSampler(sch, list(module.hparams.sampling["steps"]))
+    rows = []
+    for stage, r0 in redraw_points(sch.num_stages):
+        z = module.path.sample(x, noise, stage, torch.full((num,), r0, dtype=torch.float64)).x_t
+        n = max(1, round(sampler.steps[stage] * r0))  # the stage's step size, from r0 on
+        rs = [r0 * r for r in ratio_grid(n)]  # r0 = 1: the sampler's own grid
+        for r, r_next in zip(rs[:-1], rs[1:]):
+            r_t = torch.full((num,), r, dtype=torch.float64)
+            z = euler_step(z, fn(z, sch.ratio_to_timestep(r_t, stage).float(), stage), r, r_next)
+        gens = [torch.Generator().manual_seed(i + 10_007) for i in range(num)]
+        for st in range(stage + 1, sch.num_stages):
+            z = sampler.integrate_stage(sampler.jump(z, st, gens), st, fn)
+        video = [to_uint8_frames(v) for v in module.decode_latents(z)]
+        sigma = float(sch.ratio_to_sigma(torch.tensor(r0, dtype=torch.float64), stage))
+        rows.append(
+            {
+                "stage": stage,
+                "r0": r0,
+                "sigma": round(sigma, 3),
+                "digit_is_a": score_videos(video, a)["digit_acc"],
+                "digit_is_b": score_videos(video, b)["digit_acc"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str]) -> dict:
     probe, overrides = parse(argv)
     torch.set_num_threads(probe["threads"])
@@ -339,6 +409,11 @@ def main(argv: list[str]) -> dict:
     if probe["decision"].lower() == "true":
         gs = module.hparams.sampling["guidance_scale"] if probe["gs"] is None else probe["gs"]
         row["decision"] = stage_decision(module, min(probe["videos"], 48), float(gs))
+    if probe["redraw"].lower() == "true":
+        gs = module.hparams.sampling["guidance_scale"] if probe["gs"] is None else probe["gs"]
+        row["redraw"] = redraw(
+            module, min(probe["videos"], 48), float(gs), probe["positions"], probe["frames"]
+        )
     with open(out / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     torch.save(module.net.state_dict(), out / f"{probe['name']}.pt")

@@ -158,3 +158,38 @@ def test_position_diagnostics_parse_for_single_frames():
         ["name=x", "frames=1", "positions=snap8", "center_first=0.5"]
     )
     assert (settings["positions"], settings["center_first"], overrides) == ("snap8", 0.5, [])
+
+
+def test_redraw_from_pure_noise_is_the_stage_decision_with_caption_b_throughout(tmp_path):
+    """`redraw` starts held-out glyphs A noised to (stage, r0) and samples caption B; from
+    (0, 1.0) the input is pure noise, so its videos must be the stage-decision sweep's k = 0
+    videos (B on every stage) exactly: same noise, jump generators, sampler and guidance."""
+    import numpy as np
+
+    probe = _probe()
+    seen = []  # every (videos, captions) the probe scores, in order
+    score = probe.score_videos
+
+    def recording(videos, captions):
+        seen.append((np.stack(videos), list(captions)))
+        return score(videos, captions)
+
+    probe.score_videos = recording
+    common = [
+        "model/net=dit_tiny", "text_encoder=hash", "pyramid=stages_2",
+        "autoencoder.latent_channels=8", "frames=5", "n_train=16", "videos=6", "bs=4",
+        "threads=1", f"out={tmp_path}",
+    ]  # fmt: skip
+    row = probe.main(["name=r", "minutes=0.03", "decision=true", "redraw=true", *common])
+    points = [(r["stage"], r["r0"]) for r in row["redraw"]]
+    assert points == probe.redraw_points(2) == [(0, 1.0), (0, 0.75), (0, 0.5), (0, 0.25),
+                                               (1, 1.0), (1, 0.5)]  # fmt: skip
+    # scored: the held-out set, then (A, B) per decision row (3), then per redraw point
+    k0_videos, k0_a = seen[1]
+    redraw_videos, redraw_a = seen[1 + 2 * 3]
+    assert redraw_a == k0_a and seen[2][1] == seen[1 + 2 * 3 + 1][1]  # same captions A, B
+    assert np.array_equal(redraw_videos, k0_videos)
+    # later start points keep more of A: the videos differ from pure-noise sampling
+    assert not np.array_equal(seen[1 + 2 * 4][0], k0_videos)
+    sigmas = [r["sigma"] for r in row["redraw"]]
+    assert sigmas[0] == 1.0 and sigmas[:4] == sorted(sigmas[:4], reverse=True)
