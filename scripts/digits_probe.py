@@ -142,6 +142,12 @@ def place(spec: DigitSpec, positions: str, rng: np.random.Generator, frames: int
     return dataclasses.replace(spec, start_xy=xy)
 
 
+def render(specs: list[DigitSpec], frames: int) -> torch.Tensor:
+    """The specs' videos in the model's pixel range: (n, 3, T, H, W) in [-1, 1]."""
+    video = torch.stack([torch.from_numpy(render_video(s, num_frames=frames)) for s in specs])
+    return video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
 def render_train_set(
     module, n: int, frames: int, positions: str = "uniform"
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
@@ -149,13 +155,11 @@ def render_train_set(
     glyphs moved by `place`), PCA-fitted (unless already fitted) and encoded: normalised
     latents (n, C, t, h, w), their captions and their digits (n,)."""
     rng, place_rng = np.random.default_rng(0), np.random.default_rng(1)
-    videos, captions, digits = [], [], []
-    for spec in iter_specs(n, "train", seed=0, num_frames=frames):
-        spec = place(spec, positions, place_rng, frames)
-        videos.append(torch.from_numpy(render_video(spec, num_frames=frames)))
-        captions.append(random_caption(spec.digit, spec.color, spec.direction, rng))
-        digits.append(spec.digit)
-    video = torch.stack(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (n, 3, T, H, W)
+    specs = [place(s, positions, place_rng, frames)
+             for s in iter_specs(n, "train", seed=0, num_frames=frames)]  # fmt: skip
+    captions = [random_caption(s.digit, s.color, s.direction, rng) for s in specs]
+    digits = [s.digit for s in specs]
+    video = render(specs, frames)  # (n, 3, T, H, W)
     ae = module.autoencoder
     if getattr(ae, "requires_fit", False) and not ae.is_fitted:
         ae.fit(video[: min(n, 512)])
@@ -256,6 +260,21 @@ def score(module, probe: dict) -> tuple[dict, list[np.ndarray]]:
     return score_videos(videos, prompts), videos
 
 
+def seeded_noise(module, num: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The scored run's start noise (video i: seed i) and fresh per-row jump generators, so
+    the diagnostics below reproduce `score`'s videos."""
+    noise = torch.stack(
+        [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
+         for i in range(num)]
+    )  # fmt: skip
+    return noise, [torch.Generator().manual_seed(i + 10_007) for i in range(num)]
+
+
+def other_caption(spec: DigitSpec) -> str:
+    """Caption B of the diagnostics: digit + 5, the same colour and direction."""
+    return canonical_caption((spec.digit + 5) % 10, spec.color, spec.direction)
+
+
 @torch.no_grad()
 def stage_decision(module, num: int, guidance: float) -> list[dict]:
     """Which pyramid stage decides the digit: sample held-out prompts with caption A (the
@@ -264,15 +283,12 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
     jumps between k and k + 1, stage k decided the digit. Same seeds and sampler as `score`, so
     k = K (A throughout) reproduces its digit accuracy on the first `num` prompts."""
     prompts, specs = digits_prompts(num, 0)
-    other = [canonical_caption((s.digit + 5) % 10, s.color, s.direction) for s in specs]
+    other = [other_caption(s) for s in specs]
     cpu = torch.device("cpu")
     enc = module.conditioner.encode
     a, b, u = enc(prompts, cpu), enc(other, cpu), enc([""] * num, cpu)
     k_max, net = module.schedule.num_stages, module.net.eval()
-    noise = torch.stack(
-        [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
-         for i in range(num)]
-    )  # fmt: skip
+    noise = seeded_noise(module, num)[0]
     sampler = PyramidSampler(module.schedule, list(module.hparams.sampling["steps"]))
     rows = []
     for k in range(k_max + 1):
@@ -282,7 +298,7 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
             return net(z, t, feats[st].tokens, feats[st].mask, feats[st].pooled)
 
         fn = guided_velocity(velocity, guidance)
-        gens = [torch.Generator().manual_seed(i + 10_007) for i in range(num)]  # fresh per k
+        gens = seeded_noise(module, num)[1]  # fresh per k
         video = [
             to_uint8_frames(v) for v in module.decode_latents(sampler.sample(noise, fn, gens))
         ]
@@ -314,20 +330,14 @@ def redraw(module, num: int, guidance: float, positions: str, frames: int) -> li
     draws the asked digit wherever the glyph sits redraws B down to the sigma where the input
     starts to fix the shape. From (0, 1.0), pure noise, this is `stage_decision`'s k = 0 row:
     same noise, generators and sampler."""
-    _, specs = digits_prompts(num, 0)
     rng = np.random.default_rng(1)
-    specs = [
-        place(dataclasses.replace(s, start_xy=v.start_xy), positions, rng, frames)
-        for s, v in zip(specs, iter_specs(num, "val", seed=0, num_frames=frames))
-    ]  # the same digits, colours and directions, start places valid for `frames` frames
+    # digits_prompts' specs (the same digits, colours, directions), places valid for `frames`
+    specs = [place(s, positions, rng, frames)
+             for s in iter_specs(num, "val", seed=0, num_frames=frames)]  # fmt: skip
     a = [canonical_caption(s.digit, s.color, s.direction) for s in specs]
-    b = [canonical_caption((s.digit + 5) % 10, s.color, s.direction) for s in specs]
-    video = torch.stack([torch.from_numpy(render_video(s, num_frames=frames)) for s in specs])
-    x = module.autoencoder.encode(video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0, sample=False)
-    noise = torch.stack(
-        [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
-         for i in range(num)]
-    )  # fmt: skip
+    b = [other_caption(s) for s in specs]
+    x = module.autoencoder.encode(render(specs, frames), sample=False)
+    noise = seeded_noise(module, num)[0]
     cpu, net, sch = torch.device("cpu"), module.net.eval(), module.schedule
     feats = TextFeatures.cat([module.conditioner.encode([""] * num, cpu),
                               module.conditioner.encode(b, cpu)])  # fmt: skip
@@ -345,7 +355,7 @@ def redraw(module, num: int, guidance: float, positions: str, frames: int) -> li
         for r, r_next in zip(rs[:-1], rs[1:]):
             r_t = torch.full((num,), r, dtype=torch.float64)
             z = euler_step(z, fn(z, sch.ratio_to_timestep(r_t, stage).float(), stage), r, r_next)
-        gens = [torch.Generator().manual_seed(i + 10_007) for i in range(num)]
+        gens = seeded_noise(module, num)[1]
         for st in range(stage + 1, sch.num_stages):
             z = sampler.integrate_stage(sampler.jump(z, st, gens), st, fn)
         video = [to_uint8_frames(v) for v in module.decode_latents(z)]
@@ -406,13 +416,13 @@ def main(argv: list[str]) -> dict:
         **{k: round(v, 3) for k, v in scores.items()},
         "sample_s": round(time.time() - t0),
     }
+    gs = module.hparams.sampling["guidance_scale"] if probe["gs"] is None else probe["gs"]
+    gs = None if gs is None else float(gs)  # the diagnostics' guidance, as `score` samples
     if probe["decision"].lower() == "true":
-        gs = module.hparams.sampling["guidance_scale"] if probe["gs"] is None else probe["gs"]
-        row["decision"] = stage_decision(module, min(probe["videos"], 48), float(gs))
+        row["decision"] = stage_decision(module, min(probe["videos"], 48), gs)
     if probe["redraw"].lower() == "true":
-        gs = module.hparams.sampling["guidance_scale"] if probe["gs"] is None else probe["gs"]
         row["redraw"] = redraw(
-            module, min(probe["videos"], 48), float(gs), probe["positions"], probe["frames"]
+            module, min(probe["videos"], 48), gs, probe["positions"], probe["frames"]
         )
     with open(out / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
