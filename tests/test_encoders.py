@@ -385,3 +385,28 @@ def test_pca_target_std_scales_the_latent_and_not_the_reconstruction() -> None:
     torch.testing.assert_close(quarter.decode(quarter.encode(train)), same)
     with pytest.raises(ValueError, match="target_std"):
         PCAAutoencoder(target_std=0.0)
+
+
+def test_pca_whiten_gives_every_channel_target_std_and_keeps_the_reconstruction() -> None:
+    train = _smooth_videos(8, seed=0)
+    plain = PCAAutoencoder(latent_channels=8).fit(train)
+    white = PCAAutoencoder(latent_channels=8, target_std=0.5, whiten=True).fit(train)
+    stds = white.encode(train).std(dim=(0, 2, 3, 4), correction=0)  # (K,)
+    torch.testing.assert_close(stds, torch.full_like(stds, 0.5), atol=2e-3, rtol=0)
+    # the same components, channel k rescaled by 0.5 / std_k of the plain latent: the
+    # low-variance (last) channels grow the most
+    factor = 0.5 / plain.encode(train).std(dim=(0, 2, 3, 4), correction=0)  # (K,)
+    assert bool((factor[1:] >= factor[:-1]).all())
+    torch.testing.assert_close(
+        white.encode(train), plain.encode(train) * factor.view(1, -1, 1, 1, 1), atol=1e-4, rtol=1e-3
+    )
+    torch.testing.assert_close(white.decode(white.encode(train)), plain.decode(plain.encode(train)))
+
+
+def test_pca_state_dict_without_gain_loads_as_unwhitened() -> None:
+    train = _smooth_videos(4, seed=1)
+    fitted = PCAAutoencoder(latent_channels=8).fit(train)
+    state = {k: v for k, v in fitted.state_dict().items() if k != "gain"}
+    fresh = PCAAutoencoder(latent_channels=8)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.encode(train), fitted.encode(train))

@@ -42,6 +42,11 @@ class PCAAutoencoder(LatentAutoencoder):
             at |z| ~ 30, so they stay visible under the noise up to sigma ~ 0.97 and the
             flow decides an object's shape in its noisiest (coarsest) stage; a smaller value
             moves that decision to lower noise.
+        whiten: give every channel the same standard deviation ``target_std`` on the fit data
+            (a per-channel ``gain``) instead of keeping the components' relative variances. The
+            reconstruction is unchanged; the flow's noise then hides the low-variance
+            components (the within-cell detail) at the same sigma as the leading one, and the
+            MSE weighs them equally.
     """
 
     requires_fit = True
@@ -49,6 +54,7 @@ class PCAAutoencoder(LatentAutoencoder):
     mean: Tensor
     components: Tensor
     scale: Tensor
+    gain: Tensor
     explained_variance: Tensor
     total_variance: Tensor
     fitted: Tensor
@@ -60,6 +66,7 @@ class PCAAutoencoder(LatentAutoencoder):
         latent_channels: int = 16,
         fit_samples: int = 512,
         target_std: float = 1.0,
+        whiten: bool = False,
     ) -> None:
         super().__init__(spatial_factor, temporal_factor, latent_channels)
         if not target_std > 0:
@@ -77,10 +84,17 @@ class PCAAutoencoder(LatentAutoencoder):
         self.fit_samples = fit_samples
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("components", torch.zeros(latent_channels, dim))
+        self.whiten = bool(whiten)
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("gain", torch.ones(latent_channels))
         self.register_buffer("explained_variance", torch.zeros(latent_channels))
         self.register_buffer("total_variance", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written before `whiten` existed have no gain: all channels had gain 1
+        state_dict.setdefault(prefix + "gain", torch.ones_like(self.gain))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def is_fitted(self) -> bool:
@@ -168,10 +182,13 @@ class PCAAutoencoder(LatentAutoencoder):
         if float(kept.sum()) <= 0.0:
             raise ValueError("PCAAutoencoder.fit: the videos have zero variance (all constant)")
         scale = self.target_std * kept.mean().rsqrt()  # overall std target_std on the fit data
+        # whiten: channel k's std becomes target_std (its variance is kept[k] before scaling)
+        gain = (kept.mean() / kept.clamp_min(1e-12)).sqrt() if self.whiten else torch.ones(k)
         device = self.mean.device
         self.mean.copy_(mean.to(device))
         self.components.copy_(components.to(device))
         self.scale.copy_(scale.to(device))
+        self.gain.copy_(gain.to(device))
         self.explained_variance.copy_(kept.to(device))
         self.total_variance.copy_(eigvals.sum().to(device))
         self.fitted.fill_(True)
@@ -184,13 +201,13 @@ class PCAAutoencoder(LatentAutoencoder):
             x = space_to_depth(video.float(), self.spatial_factor, self.temporal_factor)
             x = x - self.mean.view(1, -1, 1, 1, 1)  # (B, D, t, h, w)
             z = torch.einsum("bdthw,kd->bkthw", x, self.components)  # (B, K, t, h, w)
-            return z * self.scale
+            return z * (self.scale * self.gain).view(1, -1, 1, 1, 1)
 
     def decode_raw(self, latent: Tensor) -> Tensor:
         self._require_fitted()
         self._check_latent(latent)
         with _full_precision(latent.device):
-            z = latent.float() / self.scale  # (B, K, t, h, w)
+            z = latent.float() / (self.scale * self.gain).view(1, -1, 1, 1, 1)  # (B, K, t, h, w)
             x = torch.einsum("bkthw,kd->bdthw", z, self.components)  # (B, D, t, h, w)
             x = x + self.mean.view(1, -1, 1, 1, 1)
             video = depth_to_space(x, self.spatial_factor, self.temporal_factor)
