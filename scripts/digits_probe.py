@@ -14,7 +14,8 @@ over the wall-time budget (as the trainer's budget-following schedule does). Arg
 Hydra overrides of configs/train.yaml plus these probe keys:
 
     name (required), minutes (5), bs (8), threads (2), n_train (4000), frames (17),
-    ema (0.995), videos (64: held-out prompts scored), gs (guidance; null = config),
+    ema (0.995), videos (256: held-out prompts scored; 64 give a standard error of about
+    0.04 near chance, too coarse to rank recipes), gs (guidance; null = config),
     load (an EMA state dict: skip training), ckpt (a training checkpoint: score it instead),
     decision (true: also measure which stage decides the digit, see `stage_decision`),
     init (a training checkpoint to continue training from: its EMA weights and fitted PCA),
@@ -83,7 +84,7 @@ PROBE_KEYS = {
     "n_train": 4000,
     "frames": 17,
     "ema": 0.995,
-    "videos": 64,
+    "videos": 256,
     "gs": None,
     "load": None,
     "ckpt": None,
