@@ -21,12 +21,13 @@ from src.models.autoencoders import (
 class PCAAutoencoder(LatentAutoencoder):
     """Space-to-depth followed by a fixed orthonormal projection onto principal components.
 
-    ``encode(x) = scale * (v - mean) @ components.T`` per latent cell, where ``v`` is the
-    ``D = 3 * s * s * f_t`` space-to-depth vector; ``decode`` is the least-squares inverse
-    ``v = z / scale @ components + mean`` (the rows of ``components`` are orthonormal) followed by
-    depth-to-space and a clamp to [-1, 1]. ``scale`` is one global number chosen so that the
-    latents of the fit data have overall standard deviation ``target_std`` (the channels keep
-    their relative variances: the first component carries the most).
+    ``encode(x) = scale * gain * ((v - mean) @ components.T)`` per latent cell, where ``v`` is
+    the ``D = 3 * s * s * f_t`` space-to-depth vector; ``decode`` is the least-squares inverse
+    ``v = (z / (scale * gain)) @ components + mean`` (the rows of ``components`` are
+    orthonormal) followed by depth-to-space and a clamp to [-1, 1]. ``scale`` is one global
+    number chosen so that the latents of the fit data have overall standard deviation
+    ``target_std``; the per-channel ``gain`` is 1 (the channels keep their relative variances:
+    the first component carries the most) unless ``whiten`` equalises them.
 
     All fitted quantities are persistent buffers, so ``state_dict()`` (and hence a Lightning
     checkpoint of a module holding this one) restores an identical encoder without refitting.
