@@ -71,6 +71,7 @@ from src.eval.run import digits_prompts  # noqa: E402
 from src.flow.losses import packed_pyramid_loss  # noqa: E402
 from src.flow.schedules import sample_ratios  # noqa: E402
 from src.models.checkpoint import load_module  # noqa: E402
+from src.models.generation import jump_generators, start_noise  # noqa: E402
 from src.sampling.guidance import guided_velocity  # noqa: E402
 from src.sampling.pyramid_sampler import PyramidSampler  # noqa: E402
 from src.sampling.solvers import euler_step, ratio_grid  # noqa: E402
@@ -261,16 +262,6 @@ def score(module, probe: dict) -> tuple[dict, list[np.ndarray]]:
     return score_videos(videos, prompts), videos
 
 
-def seeded_noise(module, num: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """The scored run's start noise (video i: seed i) and fresh per-row jump generators, so
-    the diagnostics below reproduce `score`'s videos."""
-    noise = torch.stack(
-        [torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(i))
-         for i in range(num)]
-    )  # fmt: skip
-    return noise, [torch.Generator().manual_seed(i + 10_007) for i in range(num)]
-
-
 def other_caption(spec: DigitSpec) -> str:
     """Caption B of the diagnostics: digit + 5, the same colour and direction."""
     return canonical_caption((spec.digit + 5) % 10, spec.color, spec.direction)
@@ -289,7 +280,7 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
     enc = module.conditioner.encode
     a, b, u = enc(prompts, cpu), enc(other, cpu), enc([""] * num, cpu)
     k_max, net = module.schedule.num_stages, module.net.eval()
-    noise = seeded_noise(module, num)[0]
+    noise = start_noise(module.latent_shape, 0, num)  # as `score`: video i uses seed i
     sampler = PyramidSampler(module.schedule, list(module.hparams.sampling["steps"]))
     rows = []
     for k in range(k_max + 1):
@@ -299,7 +290,7 @@ def stage_decision(module, num: int, guidance: float) -> list[dict]:
             return net(z, t, feats[st].tokens, feats[st].mask, feats[st].pooled)
 
         fn = guided_velocity(velocity, guidance)
-        gens = seeded_noise(module, num)[1]  # fresh per k
+        gens = jump_generators(0, num)  # fresh per k
         video = [
             to_uint8_frames(v) for v in module.decode_latents(sampler.sample(noise, fn, gens))
         ]
@@ -338,7 +329,7 @@ def redraw(module, num: int, guidance: float, positions: str, frames: int) -> li
     a = [canonical_caption(s.digit, s.color, s.direction) for s in specs]
     b = [other_caption(s) for s in specs]
     x = module.autoencoder.encode(render(specs, frames), sample=False)
-    noise = seeded_noise(module, num)[0]
+    noise = start_noise(module.latent_shape, 0, num)  # as `score`: video i uses seed i
     cpu, net, sch = torch.device("cpu"), module.net.eval(), module.schedule
     feats = TextFeatures.cat([module.conditioner.encode([""] * num, cpu),
                               module.conditioner.encode(b, cpu)])  # fmt: skip
@@ -356,7 +347,7 @@ def redraw(module, num: int, guidance: float, positions: str, frames: int) -> li
         for r, r_next in zip(rs[:-1], rs[1:]):
             r_t = torch.full((num,), r, dtype=torch.float64)
             z = euler_step(z, fn(z, sch.ratio_to_timestep(r_t, stage).float(), stage), r, r_next)
-        gens = seeded_noise(module, num)[1]
+        gens = jump_generators(0, num)
         for st in range(stage + 1, sch.num_stages):
             z = sampler.integrate_stage(sampler.jump(z, st, gens), st, fn)
         video = [to_uint8_frames(v) for v in module.decode_latents(z)]

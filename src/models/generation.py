@@ -166,6 +166,21 @@ def frame_velocity_factory(
 
 
 @torch.no_grad()
+def start_noise(shape: tuple[int, ...], seed: int, num: int) -> torch.Tensor:
+    """(num, *shape) start noise on the CPU, video i drawn from seed + i: a video depends only
+    on its own seed, not on its batch."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(num)]
+    )
+
+
+def jump_generators(seed: int, num: int, device=None) -> list[torch.Generator]:
+    """One generator per video (seed + i + 10,007) for the pyramid's corrective jump noise, so
+    a video does not depend on its batch either."""
+    device = torch.device("cpu") if device is None else device
+    return [torch.Generator(device=device).manual_seed(seed + i + 10_007) for i in range(num)]
+
+
 def generate_latents(
     module,
     prompts: list[str],
@@ -201,12 +216,8 @@ def generate_latents(
     s = resolve_settings(hp.sampling, ar, **given)
     shape = latent_shape(module, num_frames)
     device = module.device if device is None else torch.device(device)
-    noise = torch.stack(
-        [
-            torch.randn(module.latent_shape, generator=torch.Generator().manual_seed(seed + i))
-            for i in range(len(prompts))
-        ]
-    )[:, :, : shape[1]].to(device)  # a shorter video is a prefix of the longer one
+    noise = start_noise(module.latent_shape, seed, len(prompts))
+    noise = noise[:, :, : shape[1]].to(device)  # a shorter video is a prefix of the longer one
     suffix = hp.sampling.get("prompt_suffix", "")
     with placed(module.conditioner.encoder, device, offload):
         cond = module.conditioner.encode([p + suffix for p in prompts], device)
@@ -220,10 +231,7 @@ def generate_latents(
             )
         init = encode_init(module, init_video, shape[1], device, offload)
         init = init.expand(len(prompts), -1, -1, -1, -1)
-    # jump noise from one generator per prompt: a video does not depend on its batch
-    gens = [
-        torch.Generator(device=device).manual_seed(seed + i + 10_007) for i in range(len(prompts))
-    ]
+    gens = jump_generators(seed, len(prompts), device)
     grid = hp.sampling.get("ratio_grid", "uniform")
     net = module.net
     was_training = net.training
